@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything into .venv and run the main job on real SVHN: colour clusters, one tiny score model per
+# cluster trained on the CPU, labelled synthetic shards, and pictures of them.
+#
+#   SVHN root: $AUGSVHN_SVHN_ROOT, by default ../shared/data/svhn beside the repository
+#   outputs:   $AUGSVHN_DEMO_DIR, by default runs/demo
+#   budget:    $AUGSVHN_DEMO_MINUTES minutes of training per cluster (default 8)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+svhn_root=${AUGSVHN_SVHN_ROOT:-../shared/data/svhn}
+workdir=${AUGSVHN_DEMO_DIR:-runs/demo}
+minutes=${AUGSVHN_DEMO_MINUTES:-8}
+augsvhn=.venv/bin/augsvhn
+
+$augsvhn cluster --svhn-root "$svhn_root" --workdir "$workdir"
+$augsvhn train --workdir "$workdir" --cluster all --model-size tiny --max-minutes "$minutes"
+$augsvhn generate --workdir "$workdir" --per-cluster 200 --out "$workdir/shards"
+$augsvhn verify "$workdir/shards"
+$augsvhn show "$workdir/shards" --out "$workdir/samples.png"
+
+echo "clusters:        $workdir/clusters.png"
+echo "loss curves:     $workdir/models/cluster-*/loss.png"
+echo "synthetic shards: $workdir/shards (manifest.json, cluster-<k>/shard-<n>.h5)"
+echo "sample grid:     $workdir/samples.png"
