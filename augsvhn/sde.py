@@ -57,7 +57,7 @@ class SDE:
         return _batch_view(self.alpha(t), x0) * x0, self.std(t)
 
     def ve_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """Noise level of x(t) / alpha(t), the scaling the denoiser sees, shape (B,)."""
+        """Noise level of x(t) / alpha(t), the scaling of the denoiser's input, shape (B,)."""
         return self.std(t) / self.alpha(t)
 
     def prior_sampling(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:

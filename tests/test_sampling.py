@@ -140,7 +140,8 @@ def test_karras_sigmas_endpoints_and_order():
 def test_to_uint8_maps_range_and_layout():
     images = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2)
     out = to_uint8(images)
-    assert out.dtype == np.uint8 and out.shape == (1, 2, 2, 3)
+    assert out.dtype == np.uint8
+    assert out.shape == (1, 2, 2, 3)
     assert out[0, :, :, 0].tolist() == [[0, 128], [255, 255]]
 
 

@@ -109,13 +109,13 @@ def resolve_device(device: str) -> str:
 def bf16_helps(device: str) -> bool:
     """Return whether bfloat16 autocast is worth using: on CUDA GPUs that support it, and on CPUs with bf16 kernels.
 
-    On the CPU this asks torch whether its oneDNN backend has bf16 kernels for the processor. Without them bf16 is
+    On the CPU this queries torch for oneDNN bf16 kernels on the processor. Without them bf16 is
     emulated and slower than float32.
     """
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
-        # NOTE: a private torch operator (present in torch 2.x); without it the CPU runs in float32.
+        # NOTE: a private torch operator (checked in torch 2.14). If a release drops it, the CPU runs in float32.
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
