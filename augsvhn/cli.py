@@ -140,10 +140,14 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
     """Return the clusters selected by --cluster ("all" or one index), checked against WORKDIR/clusters.json."""
     from augsvhn.clusters import load_clusters
 
+    from augsvhn.training import POOLED
+
     k = load_clusters(workdir).k
-    allowed = ["all", *(str(cluster) for cluster in range(k))]
+    allowed = ["all", "pooled", *(str(cluster) for cluster in range(k))]
     if value == "all":
         return list(range(k))
+    if value == "pooled":
+        return [POOLED]
     if value not in allowed:
         raise click.BadParameter(
             f"cluster {value!r} does not exist in {workdir}; choose one of {', '.join(allowed)}",
@@ -156,7 +160,11 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
 @workdir_option(help="Experiment folder made by `augsvhn cluster`; runs go to WORKDIR/models/cluster-<k>/.")
 @svhn_root_option()
 @click.option("--cluster", "cluster_option", default="all", show_default=True,
-              help="Cluster to train: an index from the clusters file, or all (one after the other).")
+              help="Cluster to train: an index from the clusters file, all (one after the other), or pooled "
+                   "(one model on the images of all clusters, in WORKDIR/models/pooled).")
+@click.option("--init-from", default=None,
+              help="Start from the EMA weights of this checkpoint or training folder, or of the pooled model "
+                   "with `pooled`; used only when the run has no checkpoint yet. [default: saved, else random]")
 @click.option("--sde", type=click.Choice(TRAIN_SDE_CHOICES), default=None,
               help="Forward SDE. [default: the run's saved setting, else ve]")
 @click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -164,7 +172,7 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
 @click.option("--loss", type=click.Choice(TRAIN_LOSS_CHOICES), default=None,
               help="Training loss: edm (Karras et al. 2022) or dsm (Song et al. 2021). [default: saved, else edm]")
 @click.option("--model-size", type=click.Choice(TRAIN_MODEL_SIZES), default=None,
-              help="Size of the U-Net. [default: saved, else small]")
+              help="Size of the U-Net. [default: saved, else tiny]")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimiser steps in total. [default: saved, else 20000]")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -173,9 +181,9 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
               help="Stop after this many minutes of training, summed over resumed runs. Any of --max-steps, "
                    "--epochs and --max-minutes replaces the saved budget; training stops at the first one reached.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per optimiser step. [default: saved, else 128]")
+              help="Images per optimiser step. [default: saved, else 32]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Adam learning rate. [default: saved, else 0.0002]")
+              help="Adam learning rate. [default: saved, else 0.001]")
 @click.option("--label-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Fraction of labels dropped for classifier-free guidance. [default: saved, else 0.1]")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
@@ -183,41 +191,47 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where training runs; auto picks cuda when a GPU is available.")
 @click.option("--bf16/--no-bf16", default=None,
-              help="bfloat16 autocast of the network. [default: on for cuda, off for cpu]")
+              help="bfloat16 autocast of the network. [default: on for cuda and for CPUs with AVX512-BF16 or AMX]")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Steps between checkpoints. [default: saved, else 1000]")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
               help="Steps between log lines. [default: saved, else 50]")
 @click.option("--samples-per-digit", type=click.IntRange(min=0), default=None,
               help="EMA samples per digit in samples.png at the end; 0 writes none. [default: saved, else 4]")
-def train(workdir, svhn_root, cluster_option, sde, sigma_max, loss, model_size, max_steps, epochs, max_minutes, batch_size, lr,
+def train(workdir, svhn_root, cluster_option, init_from, sde, sigma_max, loss, model_size, max_steps, epochs, max_minutes, batch_size, lr,
           label_dropout, seed, device, bf16, checkpoint_every, log_every, samples_per_digit) -> None:
     """Train the class-conditional denoiser of each selected cluster; rerunning the command resumes it."""
-    from augsvhn.training import make_train_config, train_cluster
-    from augsvhn.workdir import cluster_model_dir
+    from augsvhn.distributed import distributed_session
+    from augsvhn.training import POOLED, make_train_config, model_dir_of, train_cluster
 
     clusters = _train_clusters(workdir, cluster_option)
     options = {
         "sde": sde, "sigma_max": sigma_max, "loss": loss, "model_size": model_size, "batch_size": batch_size,
         "lr": lr, "label_dropout": label_dropout, "seed": seed, "checkpoint_every": checkpoint_every,
         "log_every": log_every, "samples_per_digit": samples_per_digit,
+        "init_from": str(model_dir_of(workdir, POOLED)) if init_from == "pooled" else init_from,
     }
     overrides = {name: value for name, value in options.items() if value is not None}
     overrides.update(device=device, bf16=bf16)
     if max_steps is not None or epochs is not None or max_minutes is not None:
         overrides.update(max_steps=max_steps, epochs=epochs, max_minutes=max_minutes)
 
-    for cluster in clusters:
-        try:
-            config = make_train_config(cluster_model_dir(workdir, cluster), **overrides)
-        except ValueError as error:
-            raise click.UsageError(str(error)) from error
-        result = train_cluster(workdir, cluster, config, svhn_root=svhn_root)
-        loss_text = f", loss {result.last_loss:.4f}" if result.last_loss is not None else ""
-        click.echo(
-            f"cluster {cluster}: step {result.step} ({result.stop_reason}){loss_text}, "
-            f"checkpoint in {result.model_dir}"
-        )
+    # Under torchrun, every process runs this command; all of them train each cluster in turn.
+    with distributed_session(device) as distributed:
+        for cluster in clusters:
+            try:
+                config = make_train_config(model_dir_of(workdir, cluster), **overrides)
+            except ValueError as error:
+                raise click.UsageError(str(error)) from error
+            result = train_cluster(workdir, cluster, config, svhn_root=svhn_root, distributed=distributed)
+            loss_text = f", loss {result.last_loss:.4f}" if result.last_loss is not None else ""
+            if distributed.is_main:
+                click.echo(
+                    f"{'pooled' if cluster == POOLED else f'cluster {cluster}'}: step {result.step} "
+                    f"({result.stop_reason}){loss_text}, "
+                    f"checkpoint in {result.model_dir}"
+                    + (f", {distributed.world_size} processes" if distributed.world_size > 1 else "")
+                )
 
 
 
@@ -239,6 +253,23 @@ class _SamplerChoice(click.Choice):
     @choices.setter
     def choices(self, value) -> None:
         pass  # the names come from augsvhn.sampling
+
+
+class _BatchSize(click.ParamType):
+    """A positive number of images, or `auto`."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
+        return number
 
 
 class _ClusterList(click.ParamType):
@@ -272,8 +303,17 @@ class _ClusterList(click.ParamType):
               help="Classifier-free guidance weight w; 0 uses the conditional model alone.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Base seed; shard n of cluster k uses a generator seeded by (seed, k, n).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images per network call; changes speed and memory use. The noise of an image does not depend on it.")
+@click.option("--batch-size", type=_BatchSize(), default="256", show_default=True,
+              help="Images per network call, or auto (256 on the CPU, the largest that fits 80% of the free memory "
+                   "on a GPU); changes speed and memory use. The noise of an image does not depend on it.")
+@click.option("--bf16/--no-bf16", default=None,
+              help="bfloat16 autocast of the network: about 2x faster on GPUs and on CPUs with AVX512-BF16 or AMX, "
+                   "and moves pixels by a few levels; recorded in the shards. [default: on for cuda, off for cpu]")
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True,
+              help="Channels-last memory format of the network (speed only).")
+@click.option("--compile/--no-compile", "compile_network", default=False, show_default=True,
+              help="torch.compile the network (speed only); compiling takes tens of seconds and needs a C++ "
+                   "compiler on the CPU.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Images per shard file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -282,18 +322,23 @@ class _ClusterList(click.ParamType):
               help="Comma-separated clusters to generate, such as 0,2. [default: every trained cluster]")
 @click.option("--label-mode", type=click.Choice(["uniform", "cluster"]), default="uniform", show_default=True,
               help="uniform: balanced digits; cluster: digits as frequent as in the cluster's training images.")
-def generate(workdir, out_dir, per_cluster, sampler, steps, guidance, seed, batch_size, shard_size, device,
-             clusters, label_mode) -> None:
+def generate(workdir, out_dir, per_cluster, sampler, steps, guidance, seed, batch_size, bf16, channels_last,
+             compile_network, shard_size, device, clusters, label_mode) -> None:
     """Generate labelled digits with each cluster's trained model into HDF5 shards."""
+    from augsvhn.distributed import distributed_session
     from augsvhn.generation import DEFAULT_SAMPLER
     from augsvhn.generation import generate as generate_images
 
-    manifest = generate_images(
-        workdir, out_dir, per_cluster, sampler=sampler or DEFAULT_SAMPLER, steps=steps, guidance=guidance,
-        seed=seed, batch_size=batch_size, shard_size=shard_size, device=device, clusters=clusters,
-        label_mode=label_mode,
-    )
-    click.echo(f"wrote {manifest}")
+    # Under torchrun, every process runs this command and makes its share of the shards.
+    with distributed_session(device) as distributed:
+        manifest = generate_images(
+            workdir, out_dir, per_cluster, sampler=sampler or DEFAULT_SAMPLER, steps=steps, guidance=guidance,
+            seed=seed, batch_size=batch_size, shard_size=shard_size,
+            device=distributed.device if distributed.active else device, clusters=clusters, label_mode=label_mode,
+            bf16=bf16, channels_last=channels_last, compile_network=compile_network, rank=distributed.rank, world_size=distributed.world_size, sync_errors=distributed.sync_errors,
+        )
+        if distributed.is_main:
+            click.echo(f"wrote {manifest}" + (f" ({distributed.world_size} processes)" if distributed.active else ""))
 
 
 @cli.command()
@@ -526,8 +571,8 @@ def eval_samples_command(
     """Score synthetic digits against the real test split: FD, KID, precision, recall, label agreement, CAS.
 
     Metrics use the features of a small CNN trained on the real train split (trained once, then cached). Writes
-    metrics.json and metrics.md with one row per colour cluster, all clusters together, real train digits (the
-    floor) and uniform noise (the ceiling).
+    metrics.json and metrics.md with one row per colour cluster, all clusters together, real train digits,
+    held-out real test digits (the floor) and uniform noise (the ceiling).
     """
     from augsvhn.data import resolve_svhn_root
     from augsvhn.eval.classifier import resolve_device

@@ -15,7 +15,7 @@ from augsvhn.eval.features import FeatureNetSettings, load_or_train_extractor
 from augsvhn.eval.quality import evaluate_images, make_reference, noise_images
 from augsvhn.shards import manifest_entry, shard_relative_path, write_manifest, write_shard
 
-# A shorter budget than the default 280 steps keeps the suite fast; the accuracy floor is for this budget.
+# A shorter budget than the default 280 steps keeps the suite fast. The accuracy floor applies to this budget.
 TEST_FEATURE_STEPS = 210
 ACCURACY_FLOOR = 0.7
 
@@ -77,7 +77,7 @@ def test_evaluate_images_real_versus_noise(extractor, real):
     assert held_out["kid"] < 0.1 * ceiling["kid"]
     assert held_out["precision"] > 0.5
     assert held_out["recall"] > 0.5
-    # Noise precision is not bounded here: the net maps all noise images to one tight spot of feature space,
+    # Noise precision is not bounded here: the net maps all noise images to one small region of feature space,
     # which the wide k-NN balls of a few low-contrast real digits cover (0.95 with the test net).
     assert ceiling["recall"] < 0.05
     # Label agreement on real held-out digits is the feature net's accuracy on them.
@@ -129,7 +129,8 @@ def test_cli_eval_samples_end_to_end(extractor, real, svhn_root, feature_cache, 
     metrics = json.loads((out / "metrics.json").read_text())
     rows = metrics["rows"]
 
-    assert set(rows) == {"cluster-0", "cluster-1", "all", "real_train", "noise"}
+    assert set(rows) == {"cluster-0", "cluster-1", "all", "real_train", "real_test_held_out", "noise"}
+    assert rows["real_test_held_out"]["digits"] == len(test.labels) - 300
     assert metrics["feature_extractor"]["test_accuracy"] == pytest.approx(extractor.test_accuracy)
     assert metrics["reference"] == {"split": "test", "samples": 300}
     assert "same colour cluster" in metrics["colour_reference"]

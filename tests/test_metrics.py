@@ -1,4 +1,4 @@
-"""Sample-quality metrics against cases with known answers."""
+"""Sample-quality metrics against closed-form values and hand-computed cases."""
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ def test_frechet_diagonal_closed_form():
 
 
 def test_frechet_full_covariance_closed_form():
-    # Commuting covariances Q diag(a) Q^T and Q diag(b) Q^T share eigenvectors: same answer as the diagonal case.
+    # Commuting covariances Q diag(a) Q^T and Q diag(b) Q^T share eigenvectors, so the diagonal formula holds.
     rng = np.random.default_rng(1)
     q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
     a, b = rng.uniform(0.5, 3.0, 5), rng.uniform(0.5, 3.0, 5)

@@ -74,7 +74,7 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class DigitCNN(nn.Module):
-    """Seven 3 x 3 conv-BN-ReLU blocks over 32, 16, 8 and 4 pixels, global average pooling and two linear layers."""
+    """Six 3 x 3 conv-BN-ReLU blocks over 32, 16, 8 and 4 pixels, global average pooling and two linear layers."""
 
     def __init__(self, width: int = 16, feature_dim: int = 128, num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -116,7 +116,7 @@ def train_digit_cnn(
     AdamW with a one-cycle learning rate, label smoothing and random 2-pixel crops. All randomness comes from
     `settings.seed`, so the same data and settings give the same network on the same device and thread count.
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.array(labels, dtype=np.int64)  # a writable copy, because torch.from_numpy warns on read-only arrays
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"need as many labels as images and at least one image, got {len(images)} and {len(labels)}")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:

@@ -59,7 +59,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """Return the squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
 
     d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), Heusel et al. 2017.
-    When the matrix square root is not finite or inaccurate (singular covariances), FRECHET_EPS is added to both diagonals.
+    When the matrix square root is not finite or inaccurate (singular covariances), FRECHET_EPS is added to both
+    diagonals.
     Raises ValueError when the square root keeps an imaginary part larger than round-off.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
