@@ -66,9 +66,36 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     assert not missing, f"checkpoint lacks keys {missing}"
     path = Path(path)
     with atomic_path(path) as temporary_path:
-        torch.save(checkpoint, temporary_path)
+        with open(temporary_path, "wb") as file:
+            writer = _WriteErrorRecorder(file)
+            try:
+                torch.save(checkpoint, writer)
+            except RuntimeError as error:
+                # torch.save reports a failed write (a full disk, for example) as a RuntimeError without errno.
+                # Raise the OSError of the write instead, which atomic_path turns into an error naming the path.
+                if writer.error is not None:
+                    raise writer.error from error
+                raise
     logger.debug("saved checkpoint %s at step %d", path, checkpoint["step"])
     return path
+
+
+class _WriteErrorRecorder:
+    """File wrapper that keeps the OSError of a failed write, which torch.save would replace by a RuntimeError."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -163,12 +190,19 @@ def load_for_sampling(model_dir: str | Path, device: str | torch.device = "cpu")
     checkpoint = load_checkpoint(path)
     check_checkpoint_matches(checkpoint, path, augsvhn_version=__version__)
 
-    ema_denoiser = denoiser_from_config(checkpoint["denoiser"])
-    ema_denoiser.load_state_dict(checkpoint["ema"])
+    try:
+        ema_denoiser = denoiser_from_config(checkpoint["denoiser"])
+        ema_denoiser.load_state_dict(checkpoint["ema"])
+        sde = sde_from_config(checkpoint["sde"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"checkpoint {path}: the EMA weights or the model and SDE settings do not fit together ({first_line}); "
+            f"train the cluster again"
+        ) from error
     ema_denoiser.requires_grad_(False)
     ema_denoiser.eval().to(device)
 
-    sde = sde_from_config(checkpoint["sde"])
     meta = checkpoint_metadata(checkpoint)
     meta["checkpoint_path"] = str(path)
     return ema_denoiser, sde, meta

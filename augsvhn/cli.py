@@ -25,6 +25,18 @@ class _Group(click.Group):
             raise click.ClickException(str(error)) from error
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also rejects nan and inf, which pass every range comparison or bound."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="augsvhn")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
@@ -143,7 +155,7 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
     from augsvhn.training import POOLED
 
     k = load_clusters(workdir).k
-    allowed = ["all", "pooled", *(str(cluster) for cluster in range(k))]
+    allowed = ["all", *(str(cluster) for cluster in range(k)), "pooled"]
     if value == "all":
         return list(range(k))
     if value == "pooled":
@@ -167,7 +179,7 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
                    "with `pooled`; used only when the run has no checkpoint yet. [default: saved, else random]")
 @click.option("--sde", type=click.Choice(TRAIN_SDE_CHOICES), default=None,
               help="Forward SDE. [default: the run's saved setting, else ve]")
-@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--sigma-max", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Largest noise level of the VE SDE. [default: largest distance between two training images]")
 @click.option("--loss", type=click.Choice(TRAIN_LOSS_CHOICES), default=None,
               help="Training loss: edm (Karras et al. 2022) or dsm (Song et al. 2021). [default: saved, else edm]")
@@ -177,14 +189,15 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
               help="Stop after this many optimiser steps in total. [default: saved, else 20000]")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Stop after this many passes over the cluster's images.")
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-minutes", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Stop after this many minutes of training, summed over resumed runs. Any of --max-steps, "
                    "--epochs and --max-minutes replaces the saved budget; training stops at the first one reached.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per optimiser step. [default: saved, else 32]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Images per optimiser step; under torchrun, summed over all processes, so it must be "
+                   "divisible by their number. [default: saved, else 32]")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Adam learning rate. [default: saved, else 0.001]")
-@click.option("--label-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+@click.option("--label-dropout", type=FiniteFloatRange(min=0, max=1, max_open=True), default=None,
               help="Fraction of labels dropped for classifier-free guidance. [default: saved, else 0.1]")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seed of the initial weights, data order and noise. [default: saved, else 0]")
@@ -299,7 +312,7 @@ class _ClusterList(click.ParamType):
               help="Sampler. [default: heun, Heun's ODE solver of Karras et al. 2022, Algorithm 1]")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps. [default: the sampler's own]")
-@click.option("--guidance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--guidance", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="Classifier-free guidance weight w; 0 uses the conditional model alone.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Base seed; shard n of cluster k uses a generator seeded by (seed, k, n).")
@@ -307,8 +320,8 @@ class _ClusterList(click.ParamType):
               help="Images per network call, or auto (256 on the CPU, the largest that fits 80% of the free memory "
                    "on a GPU); changes speed and memory use. The noise of an image does not depend on it.")
 @click.option("--bf16/--no-bf16", default=None,
-              help="bfloat16 autocast of the network: about 2x faster on GPUs and on CPUs with AVX512-BF16 or AMX, "
-                   "and moves pixels by a few levels; recorded in the shards. [default: on for cuda, off for cpu]")
+              help="bfloat16 autocast of the network: faster on GPUs and on CPUs with AVX512-BF16 or AMX, and moves "
+                   "pixels by a few levels; recorded in the shards. [default: on for cuda, off for cpu]")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True,
               help="Channels-last memory format of the network (speed only).")
 @click.option("--compile/--no-compile", "compile_network", default=False, show_default=True,
@@ -335,7 +348,8 @@ def generate(workdir, out_dir, per_cluster, sampler, steps, guidance, seed, batc
             workdir, out_dir, per_cluster, sampler=sampler or DEFAULT_SAMPLER, steps=steps, guidance=guidance,
             seed=seed, batch_size=batch_size, shard_size=shard_size,
             device=distributed.device if distributed.active else device, clusters=clusters, label_mode=label_mode,
-            bf16=bf16, channels_last=channels_last, compile_network=compile_network, rank=distributed.rank, world_size=distributed.world_size, sync_errors=distributed.sync_errors,
+            bf16=bf16, channels_last=channels_last, compile_network=compile_network,
+            rank=distributed.rank, world_size=distributed.world_size, sync_errors=distributed.sync_errors,
         )
         if distributed.is_main:
             click.echo(f"wrote {manifest}" + (f" ({distributed.world_size} processes)" if distributed.active else ""))

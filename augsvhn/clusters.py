@@ -319,7 +319,10 @@ def load_clusters(workdir: str | os.PathLike, images: np.ndarray | None = None) 
         k_scan=metadata.get("k_scan", []),
     )
     if images is not None:
-        clusters.check_data(images)
+        try:
+            clusters.check_data(images)
+        except DataError as error:
+            raise DataError(f"{json_path}: {error}") from None
     return clusters
 
 

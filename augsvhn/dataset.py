@@ -96,7 +96,13 @@ class SyntheticSVHN(Dataset):
             raise IndexError(f"index {index} is out of range for {len(self)} images")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         row = index - int(self._starts[shard])
-        image = Image.fromarray(self._file(shard)["images"][row])  # uint8 (32, 32, 3): RGB
+        try:
+            pixels = self._file(shard)["images"][row]  # uint8 (32, 32, 3): RGB
+        except (OSError, KeyError, ValueError, RuntimeError) as error:
+            raise DataError(
+                f"cannot read image {row} of shard {self.paths[shard]}: {error}; run `augsvhn verify {self.root}`"
+            ) from error
+        image = Image.fromarray(pixels)
         label = int(self.labels[index])
         if self.transform is not None:
             image = self.transform(image)

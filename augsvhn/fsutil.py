@@ -33,6 +33,9 @@ _WRITE_ERROR_HINTS = {
     errno.EACCES: "choose a folder you can write to",
     errno.EPERM: "choose a folder you can write to",
     errno.EROFS: "choose a folder on a writable file system",
+    errno.EFBIG: "the file exceeds the file size limit (ulimit -f) or the file system's maximum; free space or "
+    "raise the limit",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another folder",
 }
 
 

@@ -48,7 +48,7 @@ LABEL_MODES = ("uniform", "cluster")
 NUM_CLASSES = 10
 
 # Shard attributes that must match the requested settings for an existing shard to be kept.
-_SETTING_ATTRIBUTES = ("seed", "sampler", "steps", "guidance", "label_mode", "checkpoint_sha256")
+_SETTING_ATTRIBUTES = ("seed", "sampler", "steps", "guidance", "label_mode", "bf16", "checkpoint_sha256")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class GenerationSettings:
     steps: int  # sampler steps (the sampler's default when the user gave none); 0 = chosen by the solver ("ode")
     guidance: float  # classifier-free guidance weight w; 0 = plain conditional model
     label_mode: str  # "uniform": balanced digits; "cluster": the cluster's own digit frequencies
+    bf16: bool = False  # bfloat16 autocast of the network: faster, and moves pixels by a few levels
 
     def shard_counts(self) -> list[int]:
         """Return the number of images in each shard of one cluster."""
@@ -139,6 +140,7 @@ def sample_shard(
         batch_size=batch_size,
         device=device,
         progress=progress,
+        bf16=settings.bf16,
     )
     if not torch.isfinite(result.images).all():
         bad = int((~torch.isfinite(result.images)).flatten(1).any(1).sum())
@@ -165,10 +167,11 @@ def shard_attributes(
         "sde": sde_json(sde),
         "guidance": float(settings.guidance),
         "label_mode": settings.label_mode,
+        "bf16": bool(settings.bf16),
         "checkpoint_sha256": checkpoint_sha256,
         "augsvhn_version": __version__,
     }
-    assert set(attributes) == set(SHARD_ATTRIBUTES)
+    assert set(SHARD_ATTRIBUTES) <= set(attributes)
     return attributes
 
 
@@ -190,32 +193,48 @@ def generate_shards(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    sync_errors: Callable[[BaseException | None], None] | None = None,
 ) -> Path:
     """Write the shards of `models` that `out_dir` lacks, then the manifest. Returns the manifest path.
 
     Shards already in `out_dir` are kept when they were made with the same settings and checkpoint. A shard made
-    with other settings raises AugsvhnError naming the setting that differs. With `world_size` > 1, process `rank`
-    makes every `world_size`-th missing shard, `barrier` (for example torch.distributed.barrier) must wait for
-    all processes, and rank 0 holds the folder lock and writes the manifest.
+    with other settings raises AugsvhnError naming the setting that differs. With `world_size` > 1, the i-th
+    missing shard (in cluster, then index order) is made by rank i % world_size, rank 0 holds the folder lock
+    and writes the manifest once every rank has finished, and the ranks wait for each other with one of:
+    - `sync_errors(error_or_none)`: called by every rank after each phase with its exception or None. It must
+      wait for all ranks and raise on every rank when any rank failed, as DistributedContext.sync_errors does,
+      so that no rank waits forever for a rank that failed;
+    - `barrier()`: waits for all ranks but carries no errors (for example threading.Barrier.wait in tests).
     """
-    # NOTE: when rank 0 raises before the first barrier (folder locked, shards of other settings), the other ranks
-    # wait at that barrier until the launcher (torchrun) stops them.
     out_dir = Path(out_dir)
-    if world_size > 1 and barrier is None:
-        raise ValueError("generate_shards with world_size > 1 needs a barrier function")
+    if world_size > 1 and barrier is None and sync_errors is None:
+        raise ValueError("generate_shards with world_size > 1 needs a barrier or sync_errors function")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+
+    def finish_phase(error: BaseException | None) -> None:
+        if sync_errors is not None:
+            sync_errors(error)
+        elif error is not None:
+            raise error
+        elif barrier is not None:
+            barrier()
+
     lock = DirectoryLock(out_dir, "generate") if rank == 0 else None
-    if lock is not None:
-        lock.acquire()
     try:
         # Plan: every shard of every cluster, minus the complete ones with matching settings. Every rank plans
-        # before the barrier, while no rank writes, so that all ranks split the same list of missing shards.
-        if rank == 0:
-            _remove_interrupted_writes(out_dir)
-        done = _check_existing_shards(out_dir, models, settings)
-        if barrier is not None:
-            barrier()
+        # before the ranks synchronise, while no rank writes, so that all ranks split the same list of missing
+        # shards. A failure of rank 0 (folder locked, say) reaches the other ranks through sync_errors.
+        done: set[tuple[int, int]] = set()
+        error = None
+        try:
+            if lock is not None:
+                lock.acquire()
+                _remove_interrupted_writes(out_dir)
+            done = _check_existing_shards(out_dir, models, settings)
+        except Exception as caught:
+            error = caught
+        finish_phase(error)
 
         counts = settings.shard_counts()
         plan = [(model, n, count) for model in models for n, count in enumerate(counts)]
@@ -224,13 +243,22 @@ def generate_shards(
         if done:
             logger.info("%s: keeping %d complete shards, making %d", out_dir, len(done), len(missing))
 
-        _make_shards(mine, out_dir, settings, batch_size, device, progress and rank == 0)
+        error = None
+        try:
+            _make_shards(mine, out_dir, settings, batch_size, device, progress and rank == 0)
+        except Exception as caught:
+            error = caught
+        finish_phase(error)
 
-        if barrier is not None:
-            barrier()
         manifest_path = out_dir / "manifest.json"
-        if rank == 0:
-            manifest_path = _write_manifest(out_dir, models, settings)
+        error = None
+        try:
+            if rank == 0:
+                manifest_path = _write_manifest(out_dir, models, settings)
+        except Exception as caught:
+            error = caught
+        if sync_errors is not None or error is not None:
+            finish_phase(error)
         return manifest_path
     finally:
         if lock is not None:
@@ -298,6 +326,17 @@ def _shard_progress(bar: tqdm, settings: GenerationSettings, count: int) -> Call
     return report
 
 
+def _prepared(load: Callable[[], tuple], channels_last: bool, compile_network: bool) -> Callable[[], tuple]:
+    """Wrap a ClusterModel loader so that the denoiser it returns goes through sampling.prepare_denoiser."""
+    from augsvhn.sampling import prepare_denoiser
+
+    def load_prepared() -> tuple:
+        denoiser, sde, meta = load()
+        return prepare_denoiser(denoiser, channels_last, compile_network), sde, meta
+
+    return load_prepared
+
+
 def _load(model: ClusterModel) -> tuple[torch.nn.Module, Any, dict]:
     if model._loaded is None:
         model._loaded = model.load()
@@ -323,6 +362,7 @@ def _check_existing_shards(
         "steps": settings.steps,
         "guidance": settings.guidance,
         "label_mode": settings.label_mode,
+        "bf16": settings.bf16,
     }
     advice = "use a new --out folder, or the settings of the existing shards"
 
@@ -383,6 +423,7 @@ def _write_manifest(out_dir: Path, models: Sequence[ClusterModel], settings: Gen
         "steps": settings.steps,
         "guidance": settings.guidance,
         "label_mode": settings.label_mode,
+        "bf16": settings.bf16,
         "clusters": clusters,
     }
     path = write_manifest(out_dir, entries, manifest_settings)
@@ -461,15 +502,19 @@ def generate(
     steps: int | None = None,
     guidance: float = 0.0,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | str = 256,
     shard_size: int = 1000,
     device: str = "auto",
     clusters: Sequence[int] | None = None,
     label_mode: str = "uniform",
+    bf16: bool | None = None,
+    channels_last: bool = False,
+    compile_network: bool = False,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    sync_errors: Callable[[BaseException | None], None] | None = None,
 ) -> Path:
     """Generate `per_cluster` labelled images with each cluster's trained model into shards in `out_dir`.
 
@@ -482,13 +527,17 @@ def generate(
         steps: sampler steps; None = the sampler's default.
         guidance: classifier-free guidance weight w; 0 = plain conditional model.
         seed: base seed of the per-shard generators.
-        batch_size: images per denoiser call; changes speed and memory, never the images.
+        batch_size: images per denoiser call, or "auto" (sampling.auto_batch_size); changes speed and memory,
+            never the images.
         shard_size: images per shard file.
         device: "auto" (CUDA when available), "cpu" or "cuda".
         clusters: clusters to generate; None = every cluster with a trained model.
         label_mode: "uniform" (balanced digits) or "cluster" (the cluster's own digit frequencies).
+        bf16: bfloat16 autocast of the network; None = sampling.default_bf16(device). Recorded in the shards.
+        channels_last: channels-last weights and activations, for speed only.
+        compile_network: torch.compile the network, for speed only; its first call compiles for tens of seconds.
         progress: show a progress bar (only on a terminal).
-        rank, world_size, barrier: split the shards over processes (see `generate_shards`).
+        rank, world_size, barrier, sync_errors: split the shards over processes (see `generate_shards`).
 
     Returns the path of the manifest.
     """
@@ -498,6 +547,8 @@ def generate(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sampling.SAMPLER_NAMES)}")
     if label_mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
+    if batch_size != "auto":
+        batch_size = sampling.resolve_batch_size(batch_size, None, "cpu")
     for name, value in (("per_cluster", per_cluster), ("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -513,6 +564,16 @@ def generate(
         steps=default_steps(sampler) if steps is None else steps,
         guidance=float(guidance),
         label_mode=label_mode,
+        bf16=sampling.default_bf16(device) if bf16 is None else bool(bf16),
     )
     models = cluster_models(workdir, clusters, device)
-    return generate_shards(models, out_dir, settings, batch_size, device, progress, rank, world_size, barrier)
+    if channels_last or compile_network:
+        for model in models:
+            model.load = _prepared(model.load, channels_last, compile_network)
+    if batch_size == "auto":
+        denoiser = _load(models[0])[0] if models else None
+        batch_size = sampling.resolve_batch_size("auto", denoiser, device, guidance, settings.bf16, channels_last)
+        logger.info("batch size auto: %d images per network call on %s", batch_size, device)
+    return generate_shards(
+        models, out_dir, settings, batch_size, device, progress, rank, world_size, barrier, sync_errors
+    )

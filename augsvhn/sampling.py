@@ -6,7 +6,7 @@ Every sampler is called as
             progress=None, **options) -> SampleResult
 
 and advances the whole set of `len(labels)` images step by step. All randomness (the initial noise and the
-noise of every step) is drawn for the whole set from `generator` on the CPU, and the network sees the images
+noise of every step) is drawn for the whole set from `generator` on the CPU, and the network takes the images
 in chunks of `batch_size`, so the chunk size cannot change which noise an image gets.
 
 `SampleResult.nfe` counts denoiser evaluations per image. With classifier-free guidance each evaluation runs
@@ -368,3 +368,101 @@ def expected_nfe(name: str, steps: int | None) -> int | None:
     steps = DEFAULT_STEPS[name] if steps is None else steps
     return {"heun": lambda s: 2 * s - 1, "dpm2m": lambda s: s, "pc": lambda s: 2 * s + 1,
             "em": lambda s: s + 1, "ode": lambda s: None}[name](steps)
+
+
+# ---- fast paths ------------------------------------------------------------------------------------------------
+
+# Images per network call on the CPU for `batch_size="auto"`. A CPU runs a convolution at about the same speed
+# for any batch above a few dozen images, so a moderate fixed value keeps the memory low.
+# NOTE: not tuned per machine; on one loaded AMD EPYC core the tiny model ran 12-17 images/s at 32 to 256 images.
+CPU_AUTO_BATCH_SIZE = 256
+MAX_AUTO_BATCH_SIZE = 8192
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16_instructions(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """Return whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16).
+
+    Reads the flags of /proc/cpuinfo, so it is False where that file is missing (macOS, Windows). Without these
+    instructions bfloat16 autocast on the CPU emulates the products and is slower than float32.
+    """
+    try:
+        with open(cpuinfo_path, encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return any(flag in flags for flag in _CPU_BF16_FLAGS)
+    except OSError:
+        return False
+    return False
+
+
+def default_bf16(device: str | torch.device) -> bool:
+    """Return whether bfloat16 autocast is on by default: on CUDA devices that support it, off on the CPU.
+
+    The CPU default stays float32 so that shards made on different CPUs agree. Where `cpu_has_bf16_instructions()`
+    is True, `--bf16` is faster: it doubled the tiny model's training speed on an AMD EPYC (docs/benchmarks.md).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+def auto_batch_size(denoiser: DenoiserLike, device: str | torch.device, guidance: float = 0.0, bf16: bool = False,
+                    channels_last: bool = False, memory_fraction: float = 0.8, probe_batch: int = 64) -> int:
+    """Return the images per network call for `batch_size="auto"`.
+
+    On the CPU this is CPU_AUTO_BATCH_SIZE. On CUDA, one guided network call on `probe_batch` images measures the
+    peak memory per image, and the batch is the largest multiple of NETWORK_BATCH_MULTIPLE whose estimated peak
+    fits `memory_fraction` of the free device memory, between NETWORK_BATCH_MULTIPLE and MAX_AUTO_BATCH_SIZE.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_AUTO_BATCH_SIZE
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+
+    # One network call on a probe batch, measured from the current allocation.
+    labels = torch.zeros(probe_batch, dtype=torch.long)
+    model = GuidedDenoiser(denoiser, labels, guidance, probe_batch, device, bf16, channels_last)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    model(torch.zeros(probe_batch, 3, 32, 32), torch.ones(probe_batch))
+    torch.cuda.synchronize(device)
+    bytes_per_image = max((torch.cuda.max_memory_allocated(device) - baseline) / probe_batch, 1.0)
+
+    # Largest multiple of NETWORK_BATCH_MULTIPLE that fits.
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    fitting = int(memory_fraction * free_bytes / bytes_per_image)
+    batch = fitting // NETWORK_BATCH_MULTIPLE * NETWORK_BATCH_MULTIPLE
+    return int(min(max(batch, NETWORK_BATCH_MULTIPLE), MAX_AUTO_BATCH_SIZE))
+
+
+def resolve_batch_size(value: int | str, denoiser: DenoiserLike, device: str | torch.device, guidance: float = 0.0,
+                       bf16: bool = False, channels_last: bool = False) -> int:
+    """Turn a batch size option (a positive int, or "auto") into images per network call."""
+    if value == "auto":
+        return auto_batch_size(denoiser, device, guidance, bf16, channels_last)
+    try:
+        batch_size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch size must be a positive integer or 'auto', got {value!r}") from None
+    if batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer or 'auto', got {value!r}")
+    return batch_size
+
+
+def prepare_denoiser(denoiser: torch.nn.Module, channels_last: bool = False, compile_network: bool = False) -> torch.nn.Module:
+    """Return the denoiser ready for fast sampling: channels-last weights and, optionally, torch.compile.
+
+    torch.compile (PyTorch 2) traces the network on its first call, which takes tens of seconds on a CPU and
+    needs a C++ compiler there; it pays off only for long sampling runs. The compiled module returns the same
+    values as the eager one up to float rounding.
+    """
+    if channels_last:
+        denoiser = denoiser.to(memory_format=torch.channels_last)
+    if compile_network:
+        denoiser = torch.compile(denoiser)
+    return denoiser

@@ -107,21 +107,30 @@ def write_shard(path: str | Path, images: np.ndarray, labels: np.ndarray, attrib
     _validate_contents(images, labels, attributes)
     n = images.shape[0]
 
+    # The HDF5 file is built in memory and written with plain file writes. HDF5 reports a failed disk write (a
+    # full disk, for example) as a RuntimeError without errno and may crash while closing the file, whereas a
+    # plain write raises an OSError that atomic_path turns into an error naming the path. The in-memory image
+    # is byte for byte the file that HDF5 would write to disk. The name only identifies the in-memory file.
+    with h5py.File(str(path), "w", driver="core", backing_store=False) as file:
+        file.create_dataset(
+            "images",
+            data=images,
+            chunks=(max(1, min(CHUNK_ROWS, n)),) + IMAGE_SHAPE,
+            compression="gzip",
+            compression_opts=GZIP_LEVEL,
+            shuffle=True,
+            track_times=False,
+        )
+        file.create_dataset("labels", data=labels.astype(np.uint8), track_times=False)
+        for key in sorted(attributes):
+            file.attrs[key] = attributes[key]
+        file.flush()
+        image = file.id.get_file_image()
+
     with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as file:
-            file.create_dataset(
-                "images",
-                data=images,
-                chunks=(max(1, min(CHUNK_ROWS, n)),) + IMAGE_SHAPE,
-                compression="gzip",
-                compression_opts=GZIP_LEVEL,
-                shuffle=True,
-                track_times=False,
-            )
-            file.create_dataset("labels", data=labels.astype(np.uint8), track_times=False)
-            for key in sorted(attributes):
-                file.attrs[key] = attributes[key]
-    return file_sha256(path)
+        with open(temporary, "wb") as output:
+            output.write(image)
+    return hashlib.sha256(image).hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -233,13 +242,37 @@ def read_manifest(out_dir: str | Path) -> dict:
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise DataError(f"{path} has no list 'shards'")
+    settings = manifest.get("settings", {})
+    cluster_settings = settings.get("clusters", {}) if isinstance(settings, dict) else None
+    if not isinstance(cluster_settings, dict) or not all(isinstance(v, dict) for v in cluster_settings.values()):
+        raise DataError(f"{path}: 'settings' is not an object of generation settings with per-cluster objects")
+    if not _is_count(manifest.get("total_images")):
+        raise DataError(f"{path}: 'total_images' is missing or not a whole number >= 0")
     for number, entry in enumerate(shards):
         keys = ("path", "cluster", "index", "count", "sha256", "label_counts")
         if not isinstance(entry, dict) or any(key not in entry for key in keys):
             raise DataError(f"{path}: shard entry {number} lacks one of the keys {', '.join(keys)}")
+        counts = entry["label_counts"]
+        well_typed = (
+            all(_is_count(entry[key]) for key in ("cluster", "index", "count"))
+            and isinstance(entry["sha256"], str)
+            and isinstance(counts, list)
+            and len(counts) == NUM_CLASSES
+            and all(_is_count(count) for count in counts)
+        )
+        if not well_typed:
+            raise DataError(
+                f"{path}: shard entry {number} needs whole numbers >= 0 for cluster, index and count, a string "
+                f"sha256 and 10 label counts"
+            )
         if entry["path"] != shard_relative_path(entry["cluster"], entry["index"]):
             raise DataError(f"{path}: shard entry {number} has the unexpected path {entry['path']!r}")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    """Return whether a JSON value is a whole number >= 0 (and not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ---- verification ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ uninterrupted run at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +35,7 @@ from augsvhn.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from augsvhn.distributed import SINGLE_PROCESS, DistributedContext
 from augsvhn.errors import AugsvhnError, DataError
 from augsvhn.fsutil import DirectoryLock, atomic_write_bytes, atomic_write_json, remove_temporary_files
 from augsvhn.losses import drop_labels, get_loss
@@ -44,6 +46,10 @@ from augsvhn.workdir import cluster_model_dir
 logger = logging.getLogger("augsvhn.training")
 
 CONFIG_NAME = "config.json"
+
+# Cluster index of the model trained on the images of all clusters together (WORKDIR/models/pooled), which the
+# cluster models can start from (TrainConfig.init_from).
+POOLED = -1
 LOG_NAME = "train_log.jsonl"
 
 # TrainConfig fields that define the trained model. Resuming with another value of any of them is rejected,
@@ -65,6 +71,7 @@ RUN_SETTINGS = (
     "grad_clip",
     "label_dropout",
     "seed",
+    "init_from",
 )
 
 
@@ -77,13 +84,15 @@ class TrainConfig:
     sigma_max: float | None = None  # VE sigma_max; None = largest distance between two training images
     loss: str = "edm"  # "edm" (Karras et al. 2022) or "dsm" (Song et al. 2021)
     loss_params: dict = field(default_factory=dict)  # extra parameters of losses.get_loss
-    model_size: str = "small"  # key of models.MODEL_SIZES
+    model_size: str = "tiny"  # key of models.MODEL_SIZES; "tiny" learns the most per CPU minute
     dropout: float | None = None  # dropout rate of the U-Net's residual blocks; None = the model size's own rate
-    batch_size: int = 128  # images per optimiser step
-    lr: float = 2e-4  # Adam learning rate after warm-up
-    lr_warmup_images: int = 10_000  # linear learning-rate warm-up over this many images; 0 = none
+    # Small batches, a high learning rate, a short warm-up and a short EMA lowered the loss and the Fréchet distance
+    # fastest in runs of minutes on a CPU (docs/benchmarks.md). On a GPU, larger batches keep the device busier.
+    batch_size: int = 32  # images per optimiser step
+    lr: float = 1e-3  # Adam learning rate after warm-up
+    lr_warmup_images: int = 1_000  # linear learning-rate warm-up over this many images; 0 = none
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    ema_halflife_images: float = 50_000  # EMA half-life in training images, as in the EDM training loop
+    ema_halflife_images: float = 10_000  # EMA half-life in training images (the EDM training loop uses 500,000)
     ema_rampup_ratio: float | None = 0.05  # half-life at most this fraction of the images seen; None = no ramp-up
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
     label_dropout: float = 0.1  # fraction of labels replaced by models.NULL_LABEL, for classifier-free guidance
@@ -94,10 +103,11 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints; one is also written at the end
     log_every: int = 50  # steps between log lines
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:<i>"
-    bf16: bool | None = None  # bfloat16 autocast; None = on for CUDA, off for the CPU
+    bf16: bool | None = None  # bfloat16 autocast; None = on for CUDA and CPUs with bfloat16 instructions
     channels_last: bool = False  # channels-last memory format for the network and its inputs
     samples_per_digit: int = 4  # EMA samples per digit in samples.png at the end; 0 = no samples.png
     sample_steps: int | None = None  # steps of Heun's sampler for samples.png; None = the sampler's default
+    init_from: str | None = None  # checkpoint.pt, or a folder containing one, whose EMA weights start the run
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -213,6 +223,17 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
         ema_buffer.copy_(buffer)
 
 
+def default_training_bf16(device: torch.device) -> bool:
+    """Return whether training uses bfloat16 autocast by default: on CUDA, and on CPUs with AVX512-BF16 or AMX.
+
+    On a CPU with these instructions, autocast about doubles the training speed of the tiny model, and the loss
+    follows the float32 loss within its noise (tests/test_fast_paths.py).
+    """
+    from augsvhn.sampling import cpu_has_bf16_instructions
+
+    return device.type == "cuda" or cpu_has_bf16_instructions()
+
+
 def learning_rate(config: TrainConfig, images_seen: int) -> float:
     """Return the learning rate after a linear warm-up over `lr_warmup_images` images."""
     if config.lr_warmup_images <= 0:
@@ -234,6 +255,34 @@ def _seed_of(seed: int, purpose: int) -> int:
     """Return a 63-bit seed for one use of randomness (initial weights, noise) from the run's seed."""
     words = np.random.SeedSequence([seed, purpose]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _initial_weights(init_from: str, denoiser_config: dict) -> dict[str, torch.Tensor]:
+    """Return the EMA weights of the checkpoint named by `init_from` (a checkpoint file or a training folder).
+
+    Fine-tuning a model trained on the images of all clusters gives each cluster's model the digit shapes that
+    it would otherwise have to learn from its own 1,000-2,000 images. Raises DataError when the checkpoint is
+    missing or its network differs from the one configured.
+    """
+    path = Path(init_from)
+    if path.is_dir():
+        path = checkpoint_path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint to initialise from at {path}; train that model first or fix --init-from")
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("denoiser") != denoiser_config:
+        raise DataError(
+            f"checkpoint {path} holds another network ({checkpoint.get('denoiser')}) than the one configured "
+            f"({denoiser_config}); use the same --model-size as that run"
+        )
+    return checkpoint["ema"]
+
+
+def model_dir_of(workdir: str | Path, cluster: int) -> Path:
+    """Return the training folder of a cluster's model, or WORKDIR/models/pooled for the POOLED model."""
+    if cluster == POOLED:
+        return Path(workdir) / "models" / "pooled"
+    return cluster_model_dir(workdir, cluster)
 
 
 _WEIGHTS_SEED = 1
@@ -274,7 +323,7 @@ def load_cluster_data(workdir: str | Path, cluster: int, svhn_root: str | Path |
 
     split = load_svhn(resolve_svhn_root(svhn_root, workdir), "train")
     clusters = load_clusters(workdir, images=split.images)
-    indices = cluster_indices(clusters, cluster)
+    indices = np.arange(len(split.labels)) if cluster == POOLED else cluster_indices(clusters, cluster)
     if len(indices) == 0:
         raise DataError(f"cluster {cluster} of {workdir} has no training images")
     images = torch.from_numpy(split.images[indices]).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
@@ -294,14 +343,25 @@ def load_cluster_data(workdir: str | Path, cluster: int, svhn_root: str | Path |
 class _Run:
     """Model, EMA, optimiser, generators and counters of one training run, with checkpoint (de)serialisation.
 
-    Single process for now. A distributed version would wrap `model` in DistributedDataParallel, keep `ema`
-    unwrapped, pass its rank and world size to `batch_indices`, and save checkpoints on rank 0 only.
+    With several processes (`distributed.world_size` > 1), every rank keeps the same model, EMA, optimiser and
+    generator states. `config.batch_size` is the global batch of one optimiser step: rank r computes the loss on
+    the r-th of `world_size` equal slices of it, and DistributedDataParallel averages the gradients. Only rank 0
+    writes files, and a checkpoint is the same whatever the number of processes that wrote it.
     """
 
-    def __init__(self, workdir: Path, cluster: int, config: TrainConfig, data: ClusterData, device: torch.device):
+    def __init__(
+        self,
+        workdir: Path,
+        cluster: int,
+        config: TrainConfig,
+        data: ClusterData,
+        device: torch.device,
+        distributed: DistributedContext = SINGLE_PROCESS,
+    ):
         self.workdir, self.cluster, self.config, self.data, self.device = workdir, cluster, config, data, device
-        self.model_dir = cluster_model_dir(workdir, cluster)
-        self.rank, self.world_size = 0, 1
+        self.model_dir = model_dir_of(workdir, cluster)
+        self.distributed = distributed
+        self.rank, self.world_size = distributed.rank, distributed.world_size
 
         # SDE: the VE sigma_max defaults to the largest distance between two training images (see sde.VESDE).
         sde_params = dict(config.sde_params)
@@ -321,6 +381,8 @@ class _Run:
         torch.manual_seed(_seed_of(config.seed, _WEIGHTS_SEED))
         self.model = build_denoiser(config.model_size, dropout=config.dropout).to(device)
         self.ema = build_denoiser(config.model_size, dropout=config.dropout).to(device)
+        if config.init_from is not None:
+            self.model.load_state_dict(_initial_weights(config.init_from, self.model.config()))
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
         self.ema.eval()
@@ -335,8 +397,18 @@ class _Run:
 
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
-        self.batch_size = min(config.batch_size, len(data.images))
-        self.batches_per_epoch = len(data.images) // (self.batch_size * self.world_size)
+        self.batch_size = min(config.batch_size, len(data.images))  # global batch, summed over the ranks
+        if self.batch_size % self.world_size != 0:
+            raise AugsvhnError(
+                f"the batch of {self.batch_size} images of cluster {cluster} cannot be split evenly over "
+                f"{self.world_size} processes; use a --batch-size divisible by {self.world_size}, or another "
+                f"number of processes"
+            )
+        rank_batch_size = self.batch_size // self.world_size
+        self.rank_slice = slice(self.rank * rank_batch_size, (self.rank + 1) * rank_batch_size)
+        self.batches_per_epoch = len(data.images) // self.batch_size
+        # The network the loss calls: `model` itself, or after `wrap_for_distributed` a DDP wrapper of it.
+        self.loss_denoiser: torch.nn.Module = self.model
         self.step = 0
         self.images_seen = 0
         self.elapsed_s = 0.0
@@ -347,10 +419,27 @@ class _Run:
         return self.step // self.batches_per_epoch
 
     def batch_indices(self, permutation: torch.Tensor) -> torch.Tensor:
-        """Return the indices of this process's batch at the current step, a slice of the epoch's permutation."""
+        """Return the indices of the global batch at the current step, a slice of the epoch's permutation.
+
+        Every rank gets the whole global batch and trains on its `rank_slice` of it. The ranks' images are
+        therefore disjoint and together make up the batch a single process would use.
+        """
         position = self.step % self.batches_per_epoch
-        start = (position * self.world_size + self.rank) * self.batch_size
+        start = position * self.batch_size
         return permutation[start : start + self.batch_size]
+
+    def wrap_for_distributed(self) -> None:
+        """Let the loss call the model through DistributedDataParallel, on this rank's slice of each batch.
+
+        Called after `resume`, once every rank has the same weights.
+        """
+        if self.world_size == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.loss_denoiser = _RankSliceDenoiser(wrapped, self.rank_slice, self.model.sigma_data)
 
     # Checkpoints.
 
@@ -399,13 +488,21 @@ class _Run:
         }
 
     def save(self) -> None:
-        """Write the checkpoint of the current step, after checking that every weight is finite."""
+        """Write the checkpoint of the current step, after checking that every weight is finite.
+
+        Rank 0 writes it while the other ranks wait, and every rank raises when the writing failed.
+        """
+        with self.distributed.all_or_none():
+            if self.distributed.is_main:
+                self._check_finite_weights()
+                save_checkpoint(checkpoint_path(self.model_dir), self.state())
+        self.last_saved_step = self.step
+
+    def _check_finite_weights(self) -> None:
         for name, module in (("model", self.model), ("EMA", self.ema)):
             for key, tensor in module.state_dict().items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise AugsvhnError(f"{name} weight {key} is not finite at step {self.step}; no checkpoint written")
-        save_checkpoint(checkpoint_path(self.model_dir), self.state())
-        self.last_saved_step = self.step
 
     def resume(self) -> bool:
         """Restore the state of checkpoint.pt when it exists. Returns whether a checkpoint was loaded."""
@@ -430,6 +527,27 @@ class _Run:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         return True
+
+
+class _RankSliceDenoiser(torch.nn.Module):
+    """Denoiser seen by the loss on one rank: runs the network on the rank's slice of the batch only.
+
+    The loss draws its noise levels and noise for the whole global batch from the shared generator, so the
+    random numbers of an image do not depend on the number of processes. Rows outside the slice come back as
+    zeros without a gradient, and the caller averages the per-image loss over the slice alone. This is valid
+    because every loss in augsvhn.losses computes each image's loss from that image alone.
+    """
+
+    def __init__(self, network: torch.nn.Module, rank_slice: slice, sigma_data: float):
+        super().__init__()
+        self.network, self.rank_slice, self.sigma_data = network, rank_slice, sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        part = self.rank_slice
+        denoised = self.network(x[part], sigma[part], labels[part])  # (B / world_size, 3, 32, 32)
+        before = denoised.new_zeros((part.start, *denoised.shape[1:]))
+        after = denoised.new_zeros((len(x) - part.stop, *denoised.shape[1:]))
+        return torch.cat([before, denoised, after])  # (B, 3, 32, 32)
 
 
 def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int | None:
@@ -459,7 +577,8 @@ def _train_step(run: _Run, permutation: torch.Tensor, use_bf16: bool) -> float:
     """
     config, device = run.config, run.device
 
-    # Batch.
+    # Batch: the whole global batch on every rank (see _RankSliceDenoiser), so that the random draws below do not
+    # depend on the number of processes.
     indices = run.batch_indices(permutation).to(device)
     x0 = run.images[indices]  # (B, 3, 32, 32)
     labels = run.labels[indices]  # (B,)
@@ -473,14 +592,17 @@ def _train_step(run: _Run, permutation: torch.Tensor, use_bf16: bool) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(config, run.images_seen)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        loss = run.loss_fn(run.model, x0, labels, generator=run.noise_generator).mean()
+        per_image_loss = run.loss_fn(run.loss_denoiser, x0, labels, generator=run.noise_generator)  # (B,)
+        loss = per_image_loss[run.rank_slice].mean()
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # with several ranks, DistributedDataParallel averages the gradients here
     max_norm = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
 
-    # Finite check, with one device synchronisation for both values.
-    loss_value, grad_norm_value = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
+    # Finite check, with one device synchronisation for both values. The mean over the ranks gives every rank the
+    # global batch's loss, so that all ranks take the same decision.
+    values = run.distributed.mean(torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+    loss_value, grad_norm_value = values.tolist()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
         checkpoint_note = (
             f"the last good checkpoint (step {run.last_saved_step}) in {run.model_dir} is kept"
@@ -499,9 +621,8 @@ def _train_step(run: _Run, permutation: torch.Tensor, use_bf16: bool) -> float:
     # Optimiser step and EMA.
     run.optimizer.step()
     run.step += 1
-    run.images_seen += run.batch_size * run.world_size
-    decay = ema_decay(run.batch_size * run.world_size, config.ema_halflife_images, run.images_seen,
-                      config.ema_rampup_ratio)
+    run.images_seen += run.batch_size
+    decay = ema_decay(run.batch_size, config.ema_halflife_images, run.images_seen, config.ema_rampup_ratio)
     update_ema(run.ema, run.model, decay)
     return loss_value
 
@@ -516,7 +637,7 @@ def _train_loop(run: _Run, use_bf16: bool, progress: bool) -> TrainResult:
         initial=run.step,
         desc=f"cluster {run.cluster}",
         unit="step",
-        disable=None if progress else True,
+        disable=None if progress and run.distributed.is_main else True,
         dynamic_ncols=True,
     )
     elapsed_before = run.elapsed_s
@@ -527,19 +648,23 @@ def _train_loop(run: _Run, use_bf16: bool, progress: bool) -> TrainResult:
     last_loss = None
     permutation, permutation_epoch = None, None
     run.model.train()
+    is_main = run.distributed.is_main
+    log_context = open(log_path, "a", encoding="utf-8") if is_main else contextlib.nullcontext()
 
-    with bar, open(log_path, "a", encoding="utf-8") as log_file:
+    with bar, log_context as log_file:
         while (stop_reason := _stop_reason(run)) is None:
             if permutation_epoch != run.epoch:
                 permutation, permutation_epoch = epoch_permutation(len(run.images), config.seed, run.epoch), run.epoch
             interval_losses.append(_train_step(run, permutation, use_bf16))
             now = time.perf_counter()
             run.elapsed_s = elapsed_before + now - call_start
+            if config.max_minutes is not None:
+                run.elapsed_s = run.distributed.broadcast_float(run.elapsed_s)  # all ranks must stop at one step
             bar.update(1)
 
             last_of_run = _stop_reason(run) is not None
             if run.step % config.log_every == 0 or last_of_run:
-                images_per_s = len(interval_losses) * run.batch_size * run.world_size / max(now - interval_start, 1e-9)
+                images_per_s = len(interval_losses) * run.batch_size / max(now - interval_start, 1e-9)
                 last_loss = float(np.mean(interval_losses))
                 entry = {
                     "step": run.step,
@@ -549,14 +674,15 @@ def _train_loop(run: _Run, use_bf16: bool, progress: bool) -> TrainResult:
                     "lr": run.optimizer.param_groups[0]["lr"],
                     "elapsed_s": run.elapsed_s,
                 }
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}")
-                logger.info(
-                    "cluster %d step %d%s epoch %d loss %.4f %.0f images/s lr %.2e elapsed %s",
-                    run.cluster, run.step, f"/{total_steps}" if total_steps else "", run.epoch, last_loss,
-                    images_per_s, entry["lr"], _format_duration(run.elapsed_s),
-                )
+                if is_main:
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}")
+                    logger.info(
+                        "cluster %d step %d%s epoch %d loss %.4f %.0f images/s lr %.2e elapsed %s",
+                        run.cluster, run.step, f"/{total_steps}" if total_steps else "", run.epoch, last_loss,
+                        images_per_s, entry["lr"], _format_duration(run.elapsed_s),
+                    )
                 interval_losses, interval_start = [], now
             if run.step % config.checkpoint_every == 0:
                 run.save()
@@ -575,7 +701,7 @@ def _train_loop(run: _Run, use_bf16: bool, progress: bool) -> TrainResult:
         elapsed_s=run.elapsed_s,
         stop_reason=stop_reason,
         last_loss=last_loss,
-        images_per_s=steps_done * run.batch_size * run.world_size / call_seconds if steps_done else None,
+        images_per_s=steps_done * run.batch_size / call_seconds if steps_done else None,
     )
 
 
@@ -666,39 +792,53 @@ def train_cluster(
     config: TrainConfig,
     progress: bool = True,
     svhn_root: str | Path | None = None,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> TrainResult:
     """Train (or resume training) the denoiser of one cluster in WORKDIR/models/cluster-<k>.
 
     `progress` shows a tqdm bar on a terminal. `svhn_root` is the SVHN folder (None: $AUGSVHN_SVHN_ROOT, then
     the folder in the workdir's config.json); its training split must be the one the clusters were made from.
+    `distributed` is the process group of a torchrun start (see augsvhn.distributed): every rank calls this
+    function with the same arguments, runs on `distributed.device` and trains on its share of each batch, and
+    rank 0 alone holds the lock and writes files. WORKDIR and the SVHN folder must then be readable by every rank
+    at the same path.
 
     Holds a DirectoryLock on the folder while running. Resumes from checkpoint.pt when it exists, after checking
     that the checkpoint was made with the same model, SDE, loss, optimiser settings, seed, cluster, data and
-    augsvhn version. Raises AugsvhnError when a setting differs, and when the loss becomes non-finite, in which
-    case the last checkpoint written stays as it was.
+    augsvhn version; the number of processes that wrote it does not matter. Raises AugsvhnError when a setting
+    differs, and when the loss becomes non-finite, in which case the last checkpoint written stays as it was.
     """
     workdir = Path(workdir)
     config.validate()
-    device = resolve_device(config.device)
-    use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    model_dir = cluster_model_dir(workdir, cluster)
+    device = torch.device(distributed.device) if distributed.active else resolve_device(config.device)
+    use_bf16 = config.bf16 if config.bf16 is not None else default_training_bf16(device)
+    model_dir = model_dir_of(workdir, cluster)
+    is_main = distributed.is_main
 
-    with DirectoryLock(model_dir, f"train cluster {cluster}"):
-        remove_temporary_files(model_dir)
-        data = load_cluster_data(workdir, cluster, svhn_root)
-        run = _Run(workdir, cluster, config, data, device)
+    with contextlib.ExitStack() as stack:
+        # Rank 0 takes the lock before any rank reads the folder; a failure here stops every rank.
+        with distributed.all_or_none():
+            if is_main:
+                stack.enter_context(DirectoryLock(model_dir, f"train cluster {cluster}"))
+                remove_temporary_files(model_dir)
+
+        with distributed.all_or_none():
+            data = load_cluster_data(workdir, cluster, svhn_root)
+            run = _Run(workdir, cluster, config, data, device, distributed)
+            resumed = run.resume()
+            run.wrap_for_distributed()
+            if is_main:
+                _trim_log(model_dir, run.step if resumed else 0)
+                atomic_write_json(model_dir / CONFIG_NAME, config.to_dict())
         if len(data.images) < config.batch_size:
             logger.warning(
                 "cluster %d has %d training images, fewer than the batch size %d: batches hold %d images",
                 cluster, len(data.images), config.batch_size, run.batch_size,
             )
-
-        resumed = run.resume()
-        _trim_log(model_dir, run.step if resumed else 0)
-        atomic_write_json(model_dir / CONFIG_NAME, config.to_dict())
         logger.info(
-            "cluster %d: %s at step %d on %s%s, %d images, model %s, SDE %s (sigma_max %.2f), loss %s",
+            "cluster %d: %s at step %d on %s%s%s, %d images, model %s, SDE %s (sigma_max %.2f), loss %s",
             cluster, "resuming" if resumed else "starting", run.step, device, " with bf16 autocast" if use_bf16 else "",
+            f" and {distributed.world_size - 1} more processes" if distributed.world_size > 1 else "",
             len(data.images), config.model_size, config.sde, run.sigma_max, config.loss,
         )
 
@@ -708,8 +848,11 @@ def train_cluster(
             cluster, result.step, result.stop_reason, _format_duration(result.elapsed_s), checkpoint_path(model_dir),
         )
 
-        write_loss_plot(model_dir)
-        samples_outdated = result.steps_done > 0 or not (model_dir / "samples.png").exists()
-        if config.samples_per_digit > 0 and samples_outdated:
-            _write_sample_grid(run, config.samples_per_digit, use_bf16)
+        # Plots and samples on rank 0; the other ranks wait, so that all return with the folder complete.
+        with distributed.all_or_none():
+            if is_main:
+                write_loss_plot(model_dir)
+                samples_outdated = result.steps_done > 0 or not (model_dir / "samples.png").exists()
+                if config.samples_per_digit > 0 and samples_outdated:
+                    _write_sample_grid(run, config.samples_per_digit, use_bf16)
     return result

@@ -85,8 +85,7 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
     digest_before = checkpoint_sha256(path)
 
     def save_half_then_fail(obj, file):
-        with open(file, "wb") as handle:
-            handle.write(b"PK\x03\x04 half a checkpoint")
+        file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("simulated crash while writing")
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
