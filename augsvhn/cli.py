@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import click
 from augsvhn import __version__
 
 logger = logging.getLogger("augsvhn")
+
+DISTRIBUTED_COMMANDS = ("train", "generate")  # the commands that may run under torchrun
 
 
 class _Group(click.Group):
@@ -40,8 +43,16 @@ class FiniteFloatRange(click.FloatRange):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="augsvhn")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Make labelled synthetic SVHN digits with score-based diffusion models and measure whether they help."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS and world_size not in ("", "1"):
+        # N copies of a single-process command would write the same files at once.
+        raise click.UsageError(
+            f"'augsvhn {ctx.invoked_subcommand}' runs in one process, but WORLD_SIZE={world_size}; "
+            f"only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun"
+        )
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -29,15 +29,16 @@ from augsvhn.training import TrainConfig, train_cluster
 from augsvhn.workdir import cluster_model_dir, update_config
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_CLUSTER_SIZE = 40  # cluster 0 of the test workdir holds the first 40 real training digits
+SMALL_CLUSTER_SIZE = 40  # cluster 0 of the test workdir contains the first 40 real training digits
 PROCESS_TIMEOUT_S = 120  # upper bound on a child process; a healthy one needs a few seconds
 
 TRAIN_ARGUMENTS = [
     "--cluster", "0", "--model-size", "tiny", "--batch-size", "4", "--max-steps", "6", "--checkpoint-every", "2",
     "--log-every", "2", "--device", "cpu", "--samples-per-digit", "0", "--lr", "0.001",
 ]
+# One Heun step (one network call per shard) keeps the runs short: the sampler pads every call to 32 images.
 GENERATE_ARGUMENTS = [
-    "--per-cluster", "5", "--shard-size", "1", "--sampler", "heun", "--steps", "3", "--batch-size", "1",
+    "--per-cluster", "4", "--shard-size", "1", "--sampler", "heun", "--steps", "1", "--batch-size", "1",
     "--device", "cpu", "--seed", "5",
 ]
 
@@ -46,7 +47,7 @@ GENERATE_ARGUMENTS = [
 
 
 def make_workdir(folder: Path, svhn_root: Path) -> Path:
-    """Write a workdir whose cluster 0 holds the first 40 real training digits and cluster 1 the rest."""
+    """Write a workdir whose cluster 0 contains the first 40 real training digits and cluster 1 the rest."""
     train = load_svhn(svhn_root, "train")
     assignment = np.ones(len(train.labels), dtype=np.int64)
     assignment[:SMALL_CLUSTER_SIZE] = 0
@@ -178,7 +179,7 @@ def test_generate_kill_and_rerun(trained_workdir, tmp_path):
     # Only complete shards are visible; the lock of the dead process is still there.
     left = visible_files(resumed)
     assert "manifest.json" not in left
-    assert 1 <= len(left) < 5
+    assert 1 <= len(left) < 4
     for name in left:
         assert len(shards.read_shard(resumed / name).images) == 1
     assert lock_holder(resumed)["pid"] == process.pid
@@ -714,7 +715,7 @@ def test_manifest_malformed(tmp_path, text):
     manifest.write_text(text)
     verify = CliRunner().invoke(cli, ["verify", str(folder)])
     assert verify.exit_code == 1
-    assert verify.output.startswith(str(manifest))
+    assert str(manifest) in verify.output.splitlines()[0]
     assert "Traceback" not in verify.output
 
     show = CliRunner().invoke(cli, ["show", str(folder), "--out", str(tmp_path / "grid.png")])
