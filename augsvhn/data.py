@@ -99,9 +99,73 @@ def load_svhn(root: str | os.PathLike, split: str = "train") -> SVHNSplit:
     return split_data
 
 
+# MAT-file v5 numeric storage types and their sizes in bytes (MATLAB "MAT-File Format", R2024a, Table 1-1).
+_MAT5_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8}
+_MAT5_MATRIX, _MAT5_COMPRESSED = 14, 15
+_MAT5_NUMERIC_CLASSES = range(6, 16)  # mxDOUBLE_CLASS .. mxUINT64_CLASS
+
+
+def _mat5_sub_element(data: bytes, offset: int, endian: str) -> tuple[int, bytes, int]:
+    """Return (type, payload, next offset) of the data element at `offset`, small or regular format."""
+    if offset + 8 > len(data):
+        raise ValueError("element tag past the end of the data")
+    first, second = struct.unpack_from(endian + "II", data, offset)
+    if first >> 16:  # small data element: type and size packed in the first word, payload in the second
+        return first & 0xFFFF, data[offset + 4 : offset + 4 + (first >> 16)], offset + 8
+    end = offset + 8 + second
+    if end > len(data):
+        raise ValueError(f"element of {second} bytes runs past the end of the data")
+    return first, data[offset + 8 : end], offset + 8 + second + (-second % 8)
+
+
+def _check_mat5_matrix(matrix: bytes, endian: str) -> None:
+    """Check that a numeric matrix stores exactly as many bytes as its dimensions need."""
+    _, flags, offset = _mat5_sub_element(matrix, 0, endian)
+    _, dims_bytes, offset = _mat5_sub_element(matrix, offset, endian)
+    _, name, offset = _mat5_sub_element(matrix, offset, endian)
+    if len(flags) < 4 or flags[0 if endian == "<" else 3] not in _MAT5_NUMERIC_CLASSES:
+        return
+    dims = struct.unpack(endian + f"{len(dims_bytes) // 4}i", dims_bytes[: len(dims_bytes) // 4 * 4])
+    if any(d < 0 for d in dims):
+        raise ValueError(f"variable {name.decode(errors='replace')} has negative dimensions {dims}")
+    storage_type, real, _ = _mat5_sub_element(matrix, offset, endian)
+    if storage_type not in _MAT5_TYPE_SIZES:
+        raise ValueError(f"variable {name.decode(errors='replace')} has unknown storage type {storage_type}")
+    expected = int(np.prod(dims, dtype=np.int64)) * _MAT5_TYPE_SIZES[storage_type]
+    if len(real) != expected:
+        raise ValueError(
+            f"variable {name.decode(errors='replace')} has dimensions {dims} but stores {len(real)} bytes "
+            f"of data instead of {expected}"
+        )
+
+
+def _check_mat5_layout(path: Path) -> None:
+    """Check the element sizes of a MAT-file v5 before scipy reads it.
+
+    scipy.io.loadmat (scipy 1.17) can read past the data of a variable whose dimensions claim more elements
+    than it stores, and crash the process, so such files are rejected here with a ValueError.
+    MATLAB v7.3 (HDF5) files and files of another layout are left to loadmat's own errors.
+    """
+    data = path.read_bytes()
+    if len(data) < 128 or data[126:128] not in (b"IM", b"MI"):
+        return
+    endian = "<" if data[126:128] == b"IM" else ">"
+    offset = 128
+    while offset < len(data):
+        element_type, payload, padded_end = _mat5_sub_element(data, offset, endian)
+        # Compressed elements are not padded to 8 bytes, unlike all others.
+        offset = offset + 8 + len(payload) if element_type == _MAT5_COMPRESSED else padded_end
+        if element_type == _MAT5_COMPRESSED:
+            payload = zlib.decompress(payload)
+            element_type, payload, _ = _mat5_sub_element(payload, 0, endian)
+        if element_type == _MAT5_MATRIX:
+            _check_mat5_matrix(payload, endian)
+
+
 def _read_split(path: Path) -> SVHNSplit:
     """Read one format-2 file and check the layout of `X` and `y`."""
     try:
+        _check_mat5_layout(path)
         contents = scipy.io.loadmat(path, variable_names=["X", "y"])
     except NotImplementedError:
         # scipy raises this for MATLAB v7.3 files, which are HDF5 containers.
