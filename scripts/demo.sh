@@ -4,7 +4,8 @@
 #
 #   SVHN root: $AUGSVHN_SVHN_ROOT, by default ../shared/data/svhn beside the repository
 #   outputs:   $AUGSVHN_DEMO_DIR, by default runs/demo
-#   budget:    $AUGSVHN_DEMO_MINUTES minutes of training per cluster (default 8)
+#   budget:    $AUGSVHN_DEMO_POOLED_MINUTES minutes of training of one model on all digits (default 8), then
+#              $AUGSVHN_DEMO_MINUTES minutes of fine-tuning of each cluster's model from it (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +13,15 @@ bash scripts/setup.sh
 
 svhn_root=${AUGSVHN_SVHN_ROOT:-../shared/data/svhn}
 workdir=${AUGSVHN_DEMO_DIR:-runs/demo}
-minutes=${AUGSVHN_DEMO_MINUTES:-8}
+pooled_minutes=${AUGSVHN_DEMO_POOLED_MINUTES:-8}
+minutes=${AUGSVHN_DEMO_MINUTES:-3}
 augsvhn=.venv/bin/augsvhn
 
 $augsvhn cluster --svhn-root "$svhn_root" --workdir "$workdir"
-$augsvhn train --workdir "$workdir" --cluster all --model-size tiny --max-minutes "$minutes"
-$augsvhn generate --workdir "$workdir" --per-cluster 200 --out "$workdir/shards"
+# Digit shapes are learnt once from all digits; each cluster's model then learns its colours from that start.
+$augsvhn train --workdir "$workdir" --cluster pooled --model-size tiny --max-minutes "$pooled_minutes"
+$augsvhn train --workdir "$workdir" --cluster all --model-size tiny --init-from pooled --max-minutes "$minutes"
+$augsvhn generate --workdir "$workdir" --per-cluster 200 --guidance 2 --out "$workdir/shards"
 $augsvhn verify "$workdir/shards"
 $augsvhn show "$workdir/shards" --out "$workdir/samples.png"
 
