@@ -396,6 +396,17 @@ def verify(shards_dir) -> None:
     click.echo(f"{shards_dir}: {len(manifest['shards'])} shards, {manifest['total_images']} images, all valid")
 
 
+def synthetic_dir_option():
+    """The --synthetic option of the evaluation commands: a shards folder written by `augsvhn generate`."""
+    return click.option(
+        "--synthetic",
+        "synthetic_dir",
+        type=click.Path(file_okay=False, exists=True, path_type=Path),
+        required=True,
+        help="Shards folder written by `augsvhn generate` (with manifest.json).",
+    )
+
+
 # ---- eval-classifier -------------------------------------------------------------------------
 
 
@@ -424,13 +435,7 @@ def _timm_model_name(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 @cli.command("eval-classifier")
 @svhn_root_option()
-@click.option(
-    "--synthetic",
-    "synthetic_dir",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    required=True,
-    help="Shards folder written by `augsvhn generate` (with manifest.json).",
-)
+@synthetic_dir_option()
 @click.option(
     "--out",
     "out_dir",
@@ -540,13 +545,7 @@ def eval_classifier_command(
 
 @cli.command("eval-samples")
 @svhn_root_option()
-@click.option(
-    "--synthetic",
-    "synthetic_dir",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    required=True,
-    help="Shards folder written by `augsvhn generate` (with manifest.json).",
-)
+@synthetic_dir_option()
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
     help="Report folder for metrics.json and metrics.md (created if missing).",
