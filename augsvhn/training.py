@@ -278,6 +278,11 @@ def _initial_weights(init_from: str, denoiser_config: dict) -> dict[str, torch.T
     return checkpoint["ema"]
 
 
+def model_name(cluster: int) -> str:
+    """Name of a cluster's model in logs and plots: "cluster <k>", or "pooled model" for POOLED."""
+    return "pooled model" if cluster == POOLED else f"cluster {cluster}"
+
+
 def model_dir_of(workdir: str | Path, cluster: int) -> Path:
     """Return the training folder of a cluster's model, or WORKDIR/models/pooled for the POOLED model."""
     if cluster == POOLED:
@@ -635,7 +640,7 @@ def _train_loop(run: _Run, use_bf16: bool, progress: bool) -> TrainResult:
     bar = tqdm(
         total=total_steps,
         initial=run.step,
-        desc=f"cluster {run.cluster}",
+        desc=model_name(run.cluster),
         unit="step",
         disable=None if progress and run.distributed.is_main else True,
         dynamic_ncols=True,
@@ -679,8 +684,8 @@ def _train_loop(run: _Run, use_bf16: bool, progress: bool) -> TrainResult:
                     log_file.flush()
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}")
                     logger.info(
-                        "cluster %d step %d%s epoch %d loss %.4f %.0f images/s lr %.2e elapsed %s",
-                        run.cluster, run.step, f"/{total_steps}" if total_steps else "", run.epoch, last_loss,
+                        "%s step %d%s epoch %d loss %.4f %.0f images/s lr %.2e elapsed %s",
+                        model_name(run.cluster), run.step, f"/{total_steps}" if total_steps else "", run.epoch, last_loss,
                         images_per_s, entry["lr"], _format_duration(run.elapsed_s),
                     )
                 interval_losses, interval_start = [], now
@@ -779,7 +784,7 @@ def _write_sample_grid(run: _Run, samples_per_digit: int, use_bf16: bool) -> Pat
         run.model_dir / "samples.png",
         nrow=NUM_CLASSES,
         row_labels=[str(digit) for digit in range(NUM_CLASSES)],
-        suptitle=f"cluster {run.cluster}, EMA at step {run.step}, Heun {result.nfe} NFE",
+        suptitle=f"{model_name(run.cluster)}, EMA at step {run.step}, Heun {result.nfe} NFE",
     )
 
 
@@ -832,20 +837,20 @@ def train_cluster(
                 atomic_write_json(model_dir / CONFIG_NAME, config.to_dict())
         if len(data.images) < config.batch_size:
             logger.warning(
-                "cluster %d has %d training images, fewer than the batch size %d: batches hold %d images",
-                cluster, len(data.images), config.batch_size, run.batch_size,
+                "%s has %d training images, fewer than the batch size %d: batches hold %d images",
+                model_name(cluster), len(data.images), config.batch_size, run.batch_size,
             )
         logger.info(
-            "cluster %d: %s at step %d on %s%s%s, %d images, model %s, SDE %s (sigma_max %.2f), loss %s",
-            cluster, "resuming" if resumed else "starting", run.step, device, " with bf16 autocast" if use_bf16 else "",
+            "%s: %s at step %d on %s%s%s, %d images, model %s, SDE %s (sigma_max %.2f), loss %s",
+            model_name(cluster), "resuming" if resumed else "starting", run.step, device, " with bf16 autocast" if use_bf16 else "",
             f" and {distributed.world_size - 1} more processes" if distributed.world_size > 1 else "",
             len(data.images), config.model_size, config.sde, run.sigma_max, config.loss,
         )
 
         result = _train_loop(run, use_bf16, progress)
         logger.info(
-            "cluster %d: stopped at step %d (%s), %s of training in total; checkpoint %s",
-            cluster, result.step, result.stop_reason, _format_duration(result.elapsed_s), checkpoint_path(model_dir),
+            "%s: stopped at step %d (%s), %s of training in total; checkpoint %s",
+            model_name(cluster), result.step, result.stop_reason, _format_duration(result.elapsed_s), checkpoint_path(model_dir),
         )
 
         # Plots and samples on rank 0; the other ranks wait, so that all return with the folder complete.
