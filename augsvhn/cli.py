@@ -434,7 +434,8 @@ def _timm_model_name(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 
 @cli.command("eval-classifier")
-@svhn_root_option()
+@svhn_root_option(help="Folder with the SVHN format-2 files (train_32x32.mat, test_32x32.mat). "
+                  "Default: $AUGSVHN_SVHN_ROOT.")
 @synthetic_dir_option()
 @click.option(
     "--out",

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -288,7 +289,7 @@ def _make_shards(
             previous = model
             denoiser, sde, meta = _load(model)
             bar.set_description(f"cluster {model.cluster} shard {shard_index}", refresh=False)
-            start = bar.n
+            start, started_at = bar.n, time.perf_counter()
             images, labels, nfe = sample_shard(
                 denoiser,
                 sde,
@@ -305,7 +306,9 @@ def _make_shards(
             write_shard(out_dir / shard_relative_path(model.cluster, shard_index), images, labels, attributes)
             bar.n = start + count
             bar.refresh()
-            logger.debug("wrote %s (nfe %d)", shard_relative_path(model.cluster, shard_index), nfe)
+            seconds = time.perf_counter() - started_at
+            logger.info("wrote %s: %d images, %d NFE, %.1f images/s", shard_relative_path(model.cluster, shard_index),
+                        count, nfe, count / max(seconds, 1e-9))
     if previous is not None:
         previous._loaded = None
 

@@ -30,7 +30,7 @@ def save_image_grid(
         raise ValueError(f"expected images of shape (N, H, W, 3), got {images.shape}")
     n = images.shape[0]
     ncol = max(1, -(-n // nrow))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(0.75 * ncol + 1.2, 0.85 * nrow + 0.4), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(0.75 * ncol + 1.2, 0.95 * nrow + 0.6), squeeze=False)
     for index, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -45,7 +45,9 @@ def save_image_grid(
             axes[row, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout(pad=0.3)
+    # Leave the top 0.35 inch to the title, so that it does not cover the first row's titles.
+    top = 1 - 0.35 / fig.get_figheight() if suptitle else 1
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -64,7 +66,9 @@ def save_line_plot(
     """Write one line per entry of `series` ({name: (x, y)}) to a PNG file. Returns the path written."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (x, y) in series.items():
-        ax.plot(list(x), list(y), label=name, linewidth=1.2)
+        x, y = list(x), list(y)
+        # A marker keeps a curve of very few points visible (a single point draws no line).
+        ax.plot(x, y, label=name, linewidth=1.2, marker="o" if len(x) < 20 else None, markersize=3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
