@@ -181,3 +181,40 @@ def test_cli_rejects_unknown_cluster(tmp_path, svhn_root, shards_dir):
     result = CliRunner().invoke(cli, ["eval-classifier", *args, "--clusters", "0,7", "--max-steps", "1"])
     assert result.exit_code == 1
     assert "clusters [7]" in result.output
+
+
+def test_cli_kill_and_rerun_keeps_finished_runs(tmp_path, svhn_root, shards_dir):
+    """SIGKILL during eval-classifier, then the same command: finished runs are kept, not retrained."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "report"
+    arguments = ["eval-classifier", "--svhn-root", str(svhn_root), "--synthetic", str(shards_dir), "--out", str(out),
+                 "--model", "test_resnet", "--max-steps", "3", "--batch-size", "16", "--test-limit", "120",
+                 "--device", "cpu", "--seeds", "1"]
+    first_run = out / "runs" / "baseline-seed0" / "predictions.npz"
+    process = subprocess.Popen([sys.executable, "-m", "augsvhn", *arguments],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not first_run.exists():
+            assert process.poll() is None, f"eval-classifier exited with {process.returncode} before its first run"
+            assert time.monotonic() < deadline, "timed out waiting for the first finished run"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    finished = first_run.stat().st_mtime_ns
+
+    result = CliRunner().invoke(cli, arguments, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert first_run.stat().st_mtime_ns == finished
+    assert (out / "report.json").is_file()
+    leftovers = [path.name for path in out.rglob(".*") if ".tmp" in path.name]
+    assert leftovers == []
