@@ -166,6 +166,8 @@ def _read_split(path: Path) -> SVHNSplit:
     """Read one format-2 file and check the layout of `X` and `y`."""
     try:
         _check_mat5_layout(path)
+        # NOTE: the layout check catches dimensions that exceed the stored data, but other corrupted header
+        # fields (found by fuzzing with bit flips) can still crash scipy 1.17.1's reader.
         contents = scipy.io.loadmat(path, variable_names=["X", "y"])
     except NotImplementedError:
         # scipy raises this for MATLAB v7.3 files, which are HDF5 containers.
