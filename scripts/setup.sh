@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install --quiet ${AUGSVHN_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
 .venv/bin/python -m pip install --quiet -e ".[test]"
