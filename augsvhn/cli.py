@@ -397,7 +397,7 @@ def verify(shards_dir) -> None:
 
 
 def synthetic_dir_option():
-    """The --synthetic option of the evaluation commands: a shards folder written by `augsvhn generate`."""
+    """Return the --synthetic option of the evaluation commands: a shards folder written by `augsvhn generate`."""
     return click.option(
         "--synthetic",
         "synthetic_dir",

@@ -82,7 +82,7 @@ class SyntheticSVHN(Dataset):
             raise DataError(f"cannot read the labels of shard {path}: {error}; run `augsvhn verify`") from error
         if len(labels) != entry["count"]:
             raise DataError(
-                f"shard {path} holds {len(labels)} labels, the manifest lists {entry['count']}; run `augsvhn verify`"
+                f"shard {path} contains {len(labels)} labels, the manifest lists {entry['count']}; run `augsvhn verify`"
             )
         return labels
 

@@ -272,7 +272,7 @@ def _initial_weights(init_from: str, denoiser_config: dict) -> dict[str, torch.T
     checkpoint = load_checkpoint(path)
     if checkpoint.get("denoiser") != denoiser_config:
         raise DataError(
-            f"checkpoint {path} holds another network ({checkpoint.get('denoiser')}) than the one configured "
+            f"checkpoint {path} contains another network ({checkpoint.get('denoiser')}) than the one configured "
             f"({denoiser_config}); use the same --model-size as that run"
         )
     return checkpoint["ema"]

@@ -165,7 +165,8 @@ def test_fuzz_svhn_mat(valid_files, data):
         split = call_reader(load_svhn, folder, "train")
         if split is not None:
             assert split.images.shape[1:] == (32, 32, 3)
-            assert split.labels.min() >= 0 and split.labels.max() <= 9
+            assert split.labels.min() >= 0
+            assert split.labels.max() <= 9
 
 
 def test_mat_dimensions_beyond_data(valid_files):
@@ -273,7 +274,8 @@ def test_fuzz_clusters(valid_files, data, which):
         clusters = call_reader(clusters_module.load_clusters, folder)
         if clusters is not None:
             assert clusters.assignment.shape == (12,)
-            assert 0 <= clusters.assignment.min() and clusters.assignment.max() < clusters.k
+            assert clusters.assignment.min() >= 0
+            assert clusters.assignment.max() < clusters.k
 
 
 @FUZZ_SETTINGS
