@@ -115,8 +115,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"rejected because unpickling them could run code. Load only checkpoints written by `augsvhn train` "
             f"({error.__class__.__name__}: {str(error).splitlines()[0]})"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise DataError(f"checkpoint {path} is unreadable or truncated ({error}); train the cluster again") from error
+    # Bytes that are not a ZIP archive go to PyTorch's legacy reader, which fails with KeyError, IndexError or
+    # TypeError on text and random data (torch 2.x), so these count as unreadable files too.
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        raise DataError(
+            f"checkpoint {path} is unreadable or truncated ({error.__class__.__name__}: {error}); pass a "
+            f"checkpoint.pt written by `augsvhn train`, or train the cluster again"
+        ) from error
     if not isinstance(checkpoint, dict):
         raise DataError(f"checkpoint {path} contains a {type(checkpoint).__name__}, expected a dictionary")
     format_version = checkpoint.get("format_version")

@@ -201,8 +201,10 @@ def _train_clusters(workdir: str, value: str) -> list[int]:
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Stop after this many passes over the cluster's images.")
 @click.option("--max-minutes", type=FiniteFloatRange(min=0, min_open=True), default=None,
-              help="Stop after this many minutes of training, summed over resumed runs. Any of --max-steps, "
-                   "--epochs and --max-minutes replaces the saved budget; training stops at the first one reached.")
+              help="Stop after this many minutes of training of each model, summed over resumed runs. Any of "
+                   "--max-steps, --epochs and --max-minutes replaces the whole saved budget (budget options not "
+                   "given are unset, so --max-minutes alone drops the default step limit); training stops at the "
+                   "first one reached.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per optimiser step; under torchrun, summed over all processes, so it must be "
                    "divisible by their number. [default: saved, else 32]")
@@ -327,7 +329,7 @@ class _ClusterList(click.ParamType):
               help="Classifier-free guidance weight w; 0 uses the conditional model alone.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Base seed; shard n of cluster k uses a generator seeded by (seed, k, n).")
-@click.option("--batch-size", type=_BatchSize(), default="256", show_default=True,
+@click.option("--batch-size", type=_BatchSize(), default="auto", show_default=True,
               help="Images per network call, or auto (256 on the CPU, the largest that fits 80% of the free memory "
                    "on a GPU); changes speed and memory use. The noise of an image does not depend on it.")
 @click.option("--bf16/--no-bf16", default=None,
@@ -366,10 +368,25 @@ def generate(workdir, out_dir, per_cluster, sampler, steps, guidance, seed, batc
             click.echo(f"wrote {manifest}" + (f" ({distributed.world_size} processes)" if distributed.active else ""))
 
 
+# Image formats that `augsvhn show` writes with matplotlib, chosen by the file name's suffix.
+SHOW_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def _image_file_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Reject an --out file name whose suffix is not one of SHOW_FORMATS, before any work is done."""
+    suffix = Path(value).suffix.lower()
+    if suffix not in SHOW_FORMATS:
+        raise click.BadParameter(
+            f"{value!r} has {'the suffix ' + repr(suffix) if suffix else 'no suffix'}; use a file name ending in "
+            f"{', '.join(SHOW_FORMATS)}, such as grid.png"
+        )
+    return value
+
+
 @cli.command()
 @click.argument("shards_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="PNG file to write.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), callback=_image_file_name,
+              help="Image file to write; its suffix sets the format (.png, .jpg, .jpeg, .pdf or .svg).")
 @click.option("--rows-per-cluster", type=click.IntRange(min=1), default=2, show_default=True,
               help="Rows of images shown for each cluster.")
 @click.option("--columns", type=click.IntRange(min=1), default=10, show_default=True,
@@ -391,7 +408,10 @@ def verify(shards_dir) -> None:
     if problems:
         for problem in problems:
             click.echo(problem, err=True)
-        raise click.ClickException(f"{len(problems)} problem(s) in {shards_dir}; regenerate the shards named above")
+        raise click.ClickException(
+            f"{len(problems)} problem(s) in {shards_dir} (listed above); delete the damaged shard files and rerun "
+            f"the generate command that wrote the folder, which writes missing shards again"
+        )
     manifest = read_manifest(shards_dir)
     click.echo(f"{shards_dir}: {len(manifest['shards'])} shards, {manifest['total_images']} images, all valid")
 

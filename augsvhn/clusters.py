@@ -435,6 +435,28 @@ def save_k_scan_plot(k_scan: list[dict], path: str | os.PathLike) -> Path:
 # ---- the `augsvhn cluster` command ----
 
 
+def _check_cluster_models_still_match(workdir: Path, clusters: ClusterAssignment) -> None:
+    """Raise DataError when new clusters would replace the ones that the workdir's cluster models learnt from.
+
+    Rerunning `cluster` with the same settings gives the same assignment and passes, so scripts may repeat it.
+    """
+    trained = sorted(path.parent.name for path in (workdir / "models").glob("cluster-*/checkpoint.pt"))
+    if not trained:
+        return
+    try:
+        previous = load_clusters(workdir)
+    except DataError:
+        previous = None
+    if previous is not None and previous.k == clusters.k and np.array_equal(previous.assignment,
+                                                                           clusters.assignment):
+        return
+    raise DataError(
+        f"{workdir} has cluster models trained on its current clusters ({', '.join(trained)} in {workdir / 'models'}), "
+        f"and these settings give other clusters, so those models would no longer match; use a new --workdir, "
+        f"or delete {workdir / 'models'}/cluster-* first"
+    )
+
+
 def run_clustering(
     svhn_root: str | os.PathLike,
     workdir: str | os.PathLike,
@@ -463,6 +485,7 @@ def run_clustering(
         features = colour_histograms(train.images, settings)
         clusters.k_scan = scan_k(features, scan_ks, seed=seed, n_init=n_init)
 
+    _check_cluster_models_still_match(workdir, clusters)
     npz_path, json_path = save_clusters(workdir, clusters)
     paths = {"npz": npz_path, "json": json_path}
     paths["grid"] = save_cluster_grid(train.images, clusters, workdir / CLUSTERS_PNG, seed=seed)

@@ -460,6 +460,22 @@ def trained_clusters(workdir: str | Path) -> list[int]:
     return sorted(clusters)
 
 
+def _reject_unknown_clusters(workdir: str | Path, clusters: Sequence[int]) -> None:
+    """Raise AugsvhnError for requested clusters beyond the K of the workdir's clusters file, where there is one."""
+    from augsvhn.clusters import load_clusters
+
+    try:
+        k = load_clusters(workdir).k
+    except DataError:
+        return  # models copied without their clusters file: the checkpoint check below still applies
+    unknown = [c for c in clusters if c >= k]
+    if unknown:
+        raise AugsvhnError(
+            f"cluster(s) {', '.join(map(str, unknown))} do not exist: the clusters of {workdir} are 0 to {k - 1}; "
+            f"choose --clusters among them"
+        )
+
+
 def cluster_models(workdir: str | Path, clusters: Sequence[int] | None, device: str) -> list[ClusterModel]:
     """Return a ClusterModel for each requested cluster (all trained ones when `clusters` is None)."""
     from augsvhn.checkpoints import checkpoint_path, checkpoint_sha256, load_for_sampling
@@ -470,6 +486,7 @@ def cluster_models(workdir: str | Path, clusters: Sequence[int] | None, device: 
         if not trained:
             raise AugsvhnError(f"no trained models in {Path(workdir) / 'models'}; run `augsvhn train` first")
         clusters = trained
+    _reject_unknown_clusters(workdir, clusters)
     untrained = [k for k in clusters if k not in trained]
     if untrained:
         raise AugsvhnError(

@@ -225,8 +225,8 @@ def read_manifest(out_dir: str | Path) -> dict:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(
-            f"{path} not found: {out_dir} is not a finished shards folder "
-            f"(run `augsvhn generate --out {out_dir}` to finish it)"
+            f"{path} not found: {out_dir} is not a finished shards folder. Pass the --out folder of a finished "
+            f"`augsvhn generate` run, or rerun that same generate command to finish an interrupted one"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

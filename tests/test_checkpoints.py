@@ -132,6 +132,23 @@ def test_truncated_file_rejected(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"junk\n", "unreadable or truncated"),
+        (b"", "unreadable or truncated"),
+        (b"PK\x03\x04" + b"\x00" * 60, "unreadable or truncated"),
+        # Random bytes parse as pickle opcodes that the weights-only unpickler rejects.
+        (bytes(range(256)) * 4, "rejected because unpickling them could run code"),
+    ],
+)
+def test_non_checkpoint_bytes_rejected(tmp_path, content, message):
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_checkpoint(path)
+
+
 def test_missing_file_rejected(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_checkpoint(tmp_path / CHECKPOINT_NAME)

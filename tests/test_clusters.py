@@ -336,6 +336,27 @@ def test_cli_cluster_reuses_workdir_root(cluster_run, monkeypatch):
     assert not (workdir / "clusters-k-scan.png").exists()
 
 
+def test_cli_recluster_with_models_rejected(svhn_root, tmp_path):
+    workdir = tmp_path / "work"
+    base = ["cluster", "--svhn-root", str(svhn_root), "--workdir", str(workdir), "--no-k-scan"]
+    assert CliRunner().invoke(cli, base).exit_code == 0
+    model_dir = workdir / "models" / "cluster-1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "checkpoint.pt").write_bytes(b"weights")  # only its presence matters here
+    before = (workdir / CLUSTERS_NPZ).read_bytes()
+
+    result = CliRunner().invoke(cli, base + ["--k", "4"])
+    assert result.exit_code == 1, result.output
+    assert "has cluster models trained on its current clusters (cluster-1" in result.output
+    assert "use a new --workdir" in result.output
+    assert (workdir / CLUSTERS_NPZ).read_bytes() == before
+    assert load_clusters(workdir).k == 3
+
+    # The same settings give the same clusters, so a script may rerun the command.
+    repeat = CliRunner().invoke(cli, base)
+    assert repeat.exit_code == 0, repeat.output
+
+
 def test_cli_cluster_root_from_env(svhn_root, tmp_path, monkeypatch):
     monkeypatch.setenv(SVHN_ROOT_ENV, str(svhn_root))
     result = CliRunner().invoke(cli, ["cluster", "--workdir", str(tmp_path), "--no-k-scan", "--n-init", "1"])

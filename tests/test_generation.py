@@ -329,6 +329,19 @@ def test_cli_generate_missing_cluster(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_cli_generate_unknown_cluster(tmp_path, svhn_root):
+    workdir = tmp_path / "work"
+    assert CliRunner().invoke(cli, ["cluster", "--svhn-root", str(svhn_root), "--workdir", str(workdir),
+                                    "--no-k-scan", "--n-init", "1"]).exit_code == 0
+    write_tiny_checkpoint(workdir, 0, seed=0)
+    result = CliRunner().invoke(cli, ["generate", "--workdir", str(workdir), "--out", str(tmp_path / "out"),
+                                      "--per-cluster", "2", "--clusters", "0,5"])
+    assert result.exit_code == 1
+    assert "cluster(s) 5 do not exist: the clusters of" in result.output
+    assert "are 0 to 2" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("option", "value", "named"),
     [("--per-cluster", "0", "--per-cluster"), ("--sampler", "magic", "--sampler"), ("--clusters", "a,b", "--clusters"),

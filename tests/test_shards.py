@@ -204,6 +204,26 @@ def test_cli_show(tmp_path):
         assert image.height > image.width / 10 * 6 * 0.5  # 6 rows of 10 images, with titles
 
 
+@pytest.mark.parametrize(("name", "expected"), [("grid.txt", "the suffix '.txt'"), ("grid", "no suffix")])
+def test_cli_show_rejects_unknown_format(tmp_path, name, expected):
+    make_folder(tmp_path / "shards")
+    result = CliRunner().invoke(cli, ["show", str(tmp_path / "shards"), "--out", str(tmp_path / name)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "ending in .png" in result.output
+    assert not (tmp_path / name).exists()
+    assert not (tmp_path / (name + ".png")).exists()
+
+
+def test_cli_show_svg(tmp_path):
+    make_folder(tmp_path / "shards")
+    out = tmp_path / "grid.svg"
+    result = CliRunner().invoke(cli, ["show", str(tmp_path / "shards"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    assert out.read_text().lstrip().startswith("<?xml")
+
+
 def test_preview_columns_follow_digits():
     from augsvhn.shards import _arrange_by_digit
 
