@@ -5,7 +5,7 @@
 
 Trains one cluster's model (or the pooled model, `--cluster pooled`) with augsvhn.training.train_cluster, stopping
 at each step count of `--checkpoints` and resuming from there, so the curve is that of a single run. After each
-stop it samples `--samples` digits from the EMA weights (Heun, `--sample-steps`, guidance `--guidance`) and
+stop it samples `--samples` digits from the EMA weights (Heun, `--sample-steps`, each weight of `--guidance`) and
 scores them with augsvhn.eval.quality.evaluate_images against the real test digits. Writes OUT/results.json and
 OUT/quality-vs-training.png (Fréchet distance and label agreement against training minutes).
 Training settings not given here are TrainConfig's defaults, or those saved in the model folder.
@@ -32,20 +32,23 @@ from augsvhn.training import POOLED, make_train_config, model_dir_of, train_clus
 logger = logging.getLogger("augsvhn.benchmarks.training_quality")
 
 
-def sample_quality(model_dir: Path, args, reference, extractor) -> dict:
+def sample_quality(model_dir: Path, args, guidance: float, reference, extractor) -> dict:
     """Sample digits 0-9 in turn from a folder's EMA weights and return evaluate_images' metrics."""
     denoiser, sde, _ = load_for_sampling(model_dir, "cpu")
     labels = torch.arange(args.samples) % 10
     start = time.perf_counter()
     result = get_sampler("heun")(denoiser, sde, labels, generator=torch.Generator().manual_seed(args.seed),
-                                 steps=args.sample_steps, guidance=args.guidance, bf16=args.sample_bf16)
+                                 steps=args.sample_steps, guidance=guidance, bf16=args.sample_bf16)
     metrics = evaluate_images(to_uint8(result.images), labels.numpy(), reference, extractor)
     metrics["sampling_seconds"] = time.perf_counter() - start
     return metrics
 
 
 def write_plot(rows: list[dict], path: Path, title: str) -> None:
-    """Plot Fréchet distance and label agreement against training minutes (bottom axis) and steps (labels)."""
+    """Plot Fréchet distance and label agreement against training minutes (bottom axis) and steps (labels).
+
+    One line per guidance weight; points are labelled with their optimiser step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,11 +56,16 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
 
     minutes = [row["elapsed_s"] / 60 for row in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    weights = list(rows[0]["by_guidance"])
     for axis, key, label in ((axes[0], "frechet_distance", "Fréchet distance (digit features)"),
                              (axes[1], "label_agreement", "label agreement")):
-        axis.plot(minutes, [row[key] for row in rows], marker="o")
+        for weight in weights:
+            values = [row["by_guidance"][weight][key] for row in rows]
+            axis.plot(minutes, values, marker="o", label=f"guidance {weight}")
         for x, row in zip(minutes, rows):
-            axis.annotate(str(row["step"]), (x, row[key]), fontsize=7, textcoords="offset points", xytext=(2, 4))
+            axis.annotate(str(row["step"]), (x, row["by_guidance"][weights[0]][key]), fontsize=7,
+                          textcoords="offset points", xytext=(2, 4))
+        axis.legend(fontsize=7)
         axis.set_xlabel("training minutes (points labelled with optimiser steps)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
@@ -82,11 +90,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--sample-steps", type=int, default=9)
     parser.add_argument("--sample-bf16", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", default="2", help="comma-separated guidance weights to sample with")
     parser.add_argument("--feature-cache", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    guidances = [float(value) for value in args.guidance.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     cluster = POOLED if args.cluster == "pooled" else int(args.cluster)
@@ -107,7 +116,8 @@ def main() -> None:
         result = train_cluster(args.workdir, cluster, config, progress=False, svhn_root=args.svhn_root)
         row = {"step": result.step, "images_seen": result.images_seen, "elapsed_s": result.elapsed_s,
                "load_average": os.getloadavg()}
-        row.update(sample_quality(model_dir, args, reference, extractor))
+        row["by_guidance"] = {f"{weight:g}": sample_quality(model_dir, args, weight, reference, extractor)
+                              for weight in guidances}
         rows.append(row)
         logger.info("%s", json.dumps(row))
         results = {"command": "python benchmarks/training_quality.py " + " ".join(os.sys.argv[1:]),
@@ -115,7 +125,7 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
     title = f"{model_dir.name}, {config.model_size}, batch {config.batch_size}; {args.samples} digits, Heun " \
-            f"{args.sample_steps} steps, guidance {args.guidance}"
+            f"{args.sample_steps} steps"
     write_plot(rows, out / "quality-vs-training.png", title)
 
 

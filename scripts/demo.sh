@@ -4,7 +4,7 @@
 #
 #   SVHN root: $AUGSVHN_SVHN_ROOT, by default ../shared/data/svhn beside the repository
 #   outputs:   $AUGSVHN_DEMO_DIR, by default runs/demo
-#   budget:    $AUGSVHN_DEMO_POOLED_MINUTES minutes of training of one model on all digits (default 8), then
+#   budget:    $AUGSVHN_DEMO_POOLED_MINUTES minutes of training of one model on all digits (default 15), then
 #              $AUGSVHN_DEMO_MINUTES minutes of fine-tuning of each cluster's model from it (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ bash scripts/setup.sh
 
 svhn_root=${AUGSVHN_SVHN_ROOT:-../shared/data/svhn}
 workdir=${AUGSVHN_DEMO_DIR:-runs/demo}
-pooled_minutes=${AUGSVHN_DEMO_POOLED_MINUTES:-8}
+pooled_minutes=${AUGSVHN_DEMO_POOLED_MINUTES:-15}
 minutes=${AUGSVHN_DEMO_MINUTES:-3}
 augsvhn=.venv/bin/augsvhn
 
