@@ -568,8 +568,8 @@ def generate(
     if label_mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
     if batch_size != "auto":
-        batch_size = sampling.resolve_batch_size(batch_size, None, "cpu")
-    for name, value in (("per_cluster", per_cluster), ("batch_size", batch_size), ("shard_size", shard_size)):
+        batch_size = sampling.resolve_batch_size(batch_size, None, "cpu")  # raises ValueError below 1
+    for name, value in (("per_cluster", per_cluster), ("shard_size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if steps is not None and steps < 1:

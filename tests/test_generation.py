@@ -319,6 +319,11 @@ def test_cli_generate_tiny_models(tmp_path):
     assert result.exit_code == 0, result.output
     assert folder_bytes(out) == folder_bytes(tmp_path / "again")
 
+    # The default batch size is auto (256 images per call on the CPU): the same bytes again.
+    result = CliRunner().invoke(cli, arguments[:4] + [str(tmp_path / "auto")] + arguments[5:])
+    assert result.exit_code == 0, result.output
+    assert folder_bytes(out) == folder_bytes(tmp_path / "auto")
+
 
 def test_cli_generate_missing_cluster(tmp_path):
     write_tiny_checkpoint(tmp_path, 0, seed=0)
