@@ -476,6 +476,35 @@ def _reject_unknown_clusters(workdir: str | Path, clusters: Sequence[int]) -> No
         )
 
 
+def _current_cluster_sizes(workdir: str | Path) -> np.ndarray | None:
+    """Return the image count of each cluster in the workdir's clusters file, or None where there is no file."""
+    from augsvhn.clusters import load_clusters
+
+    try:
+        return load_clusters(workdir).sizes
+    except DataError:
+        return None
+
+
+def _check_model_matches_cluster(model_dir: Path, cluster: int, cluster_size: int) -> None:
+    """Raise AugsvhnError when a cluster's model was trained on another number of images than the cluster has.
+
+    A changed count means the clusters file was replaced after training, so the model learnt another cluster.
+    NOTE: an equal count does not prove the same images; `augsvhn cluster` rejects replacing the clusters of a
+    workdir with trained cluster models, which covers the usual way to get there.
+    """
+    from augsvhn.checkpoints import checkpoint_path, load_checkpoint
+
+    path = checkpoint_path(model_dir)
+    trained_on = sum(int(count) for count in load_checkpoint(path)["label_counts"])
+    if trained_on != cluster_size:
+        raise AugsvhnError(
+            f"the model in {model_dir} was trained on {trained_on} images, but cluster {cluster} of the current "
+            f"clusters file has {cluster_size}: the clusters changed after training. Retrain it with "
+            f"`augsvhn train --cluster {cluster}`, or generate from the workdir it was trained in"
+        )
+
+
 def cluster_models(workdir: str | Path, clusters: Sequence[int] | None, device: str) -> list[ClusterModel]:
     """Return a ClusterModel for each requested cluster (all trained ones when `clusters` is None)."""
     from augsvhn.checkpoints import checkpoint_path, checkpoint_sha256, load_for_sampling
@@ -494,9 +523,12 @@ def cluster_models(workdir: str | Path, clusters: Sequence[int] | None, device: 
             f"(trained: {', '.join(map(str, trained)) or 'none'}); train them first or leave them out of --clusters"
         )
 
+    cluster_sizes = _current_cluster_sizes(workdir)
     models = []
     for k in sorted(set(clusters)):
         model_dir = cluster_model_dir(workdir, k)
+        if cluster_sizes is not None:
+            _check_model_matches_cluster(model_dir, k, int(cluster_sizes[k]))
         models.append(
             ClusterModel(
                 cluster=k,

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from augsvhn import generation, shards
 from augsvhn.checkpoints import CHECKPOINT_NAME, REQUIRED_KEYS, checkpoint_sha256, save_checkpoint
 from augsvhn.cli import cli
+from augsvhn.clusters import load_clusters
 from augsvhn.errors import AugsvhnError
 from augsvhn.generation import ClusterModel, GenerationSettings, draw_labels, generate_shards
 from augsvhn.models import NULL_LABEL, build_denoiser
@@ -278,7 +279,7 @@ def test_shard_counts():
 # ---- from a workdir, through the CLI -----------------------------------------------------------
 
 
-def write_tiny_checkpoint(workdir, cluster, seed):
+def write_tiny_checkpoint(workdir, cluster, seed, label_counts=(3, 1, 1, 1, 1, 1, 1, 1, 1, 1)):
     """Save an untrained tiny denoiser as the checkpoint of `cluster`, with every entry a checkpoint has."""
     torch.manual_seed(seed)
     denoiser = build_denoiser("tiny")
@@ -289,7 +290,7 @@ def write_tiny_checkpoint(workdir, cluster, seed):
     checkpoint = {
         "format_version": FORMAT_VERSION, "augsvhn_version": __version__, "model_size": "tiny",
         "denoiser": denoiser.config(), "sde": sde.config(), "loss": {"name": "dsm"}, "train_config": {},
-        "cluster": cluster, "data_fingerprint": "0" * 64, "label_counts": [3, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        "cluster": cluster, "data_fingerprint": "0" * 64, "label_counts": list(label_counts),
         "sigma_max": 20.0, "step": 0, "epoch": 0, "images_seen": 0, "elapsed_s": 0.0,
         "model": denoiser.state_dict(), "ema": denoiser.state_dict(), "optimizer": {}, "rng": {},
     }
@@ -345,6 +346,28 @@ def test_cli_generate_unknown_cluster(tmp_path, svhn_root):
     assert "cluster(s) 5 do not exist: the clusters of" in result.output
     assert "are 0 to 2" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_generate_checks_cluster_size(tmp_path, svhn_root):
+    workdir = tmp_path / "work"
+    assert CliRunner().invoke(cli, ["cluster", "--svhn-root", str(svhn_root), "--workdir", str(workdir),
+                                    "--no-k-scan", "--n-init", "1"]).exit_code == 0
+    size = int(load_clusters(workdir).sizes[1])
+    arguments = ["generate", "--workdir", str(workdir), "--per-cluster", "2", "--sampler", "heun", "--steps", "2",
+                 "--clusters", "1"]
+
+    # A model trained on another number of images than cluster 1 has: the clusters changed after training.
+    write_tiny_checkpoint(workdir, 1, seed=0, label_counts=[size - 8] + [1] * 9)
+    result = CliRunner().invoke(cli, arguments + ["--out", str(tmp_path / "rejected")])
+    assert result.exit_code == 1
+    assert f"was trained on {size + 1} images, but cluster 1 of the current clusters file has {size}" in result.output
+    assert "augsvhn train --cluster 1" in result.output
+    assert not (tmp_path / "rejected").exists()
+
+    write_tiny_checkpoint(workdir, 1, seed=0, label_counts=[size - 9] + [1] * 9)
+    result = CliRunner().invoke(cli, arguments + ["--out", str(tmp_path / "accepted")])
+    assert result.exit_code == 0, result.output
+    assert shards.read_manifest(tmp_path / "accepted")["total_images"] == 2
 
 
 @pytest.mark.parametrize(
