@@ -388,3 +388,9 @@ def test_cli_help_names_default_sampler():
     result = CliRunner().invoke(cli, ["generate", "--help"])
     assert result.exit_code == 0
     assert f"[default: {generation.DEFAULT_SAMPLER}," in " ".join(result.output.split())
+    from augsvhn.sampling import DEFAULT_STEPS
+
+    for name in ("dpm2m", "heun"):
+        assert f"{name} {DEFAULT_STEPS[name]}" in " ".join(result.output.split()), name
+    assert f"pc and em {DEFAULT_STEPS['pc']}" in " ".join(result.output.split())
+    assert DEFAULT_STEPS["em"] == DEFAULT_STEPS["pc"]
