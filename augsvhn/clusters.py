@@ -447,13 +447,13 @@ def _check_cluster_models_still_match(workdir: Path, clusters: ClusterAssignment
         previous = load_clusters(workdir)
     except DataError:
         previous = None
-    if previous is not None and previous.k == clusters.k and np.array_equal(previous.assignment,
-                                                                           clusters.assignment):
+    if previous is not None and previous.k == clusters.k and np.array_equal(previous.assignment, clusters.assignment):
         return
+    models_dir = workdir / "models"
     raise DataError(
-        f"{workdir} has cluster models trained on its current clusters ({', '.join(trained)} in {workdir / 'models'}), "
+        f"{workdir} has cluster models trained on its current clusters ({', '.join(trained)} in {models_dir}), "
         f"and these settings give other clusters, so those models would no longer match; use a new --workdir, "
-        f"or delete {workdir / 'models'}/cluster-* first"
+        f"or delete {models_dir}/cluster-* first"
     )
 
 

@@ -460,30 +460,28 @@ def trained_clusters(workdir: str | Path) -> list[int]:
     return sorted(clusters)
 
 
-def _reject_unknown_clusters(workdir: str | Path, clusters: Sequence[int]) -> None:
-    """Raise AugsvhnError for requested clusters beyond the K of the workdir's clusters file, where there is one."""
-    from augsvhn.clusters import load_clusters
-
-    try:
-        k = load_clusters(workdir).k
-    except DataError:
-        return  # models copied without their clusters file: the checkpoint check below still applies
-    unknown = [c for c in clusters if c >= k]
-    if unknown:
-        raise AugsvhnError(
-            f"cluster(s) {', '.join(map(str, unknown))} do not exist: the clusters of {workdir} are 0 to {k - 1}; "
-            f"choose --clusters among them"
-        )
-
-
 def _current_cluster_sizes(workdir: str | Path) -> np.ndarray | None:
-    """Return the image count of each cluster in the workdir's clusters file, or None where there is no file."""
+    """Return the image count of each cluster in the workdir's clusters file, or None where there is no file.
+
+    Models copied without their clusters file have None here, and only the checkpoint checks apply to them.
+    """
     from augsvhn.clusters import load_clusters
 
     try:
         return load_clusters(workdir).sizes
     except DataError:
         return None
+
+
+def _reject_unknown_clusters(workdir: str | Path, clusters: Sequence[int], cluster_sizes: np.ndarray) -> None:
+    """Raise AugsvhnError for requested clusters beyond the K of the workdir's clusters file."""
+    k = len(cluster_sizes)
+    unknown = [c for c in clusters if c >= k]
+    if unknown:
+        raise AugsvhnError(
+            f"cluster(s) {', '.join(map(str, unknown))} do not exist: the clusters of {workdir} are 0 to {k - 1}; "
+            f"choose --clusters among them"
+        )
 
 
 def _check_model_matches_cluster(model_dir: Path, cluster: int, cluster_size: int) -> None:
@@ -515,7 +513,9 @@ def cluster_models(workdir: str | Path, clusters: Sequence[int] | None, device: 
         if not trained:
             raise AugsvhnError(f"no trained models in {Path(workdir) / 'models'}; run `augsvhn train` first")
         clusters = trained
-    _reject_unknown_clusters(workdir, clusters)
+    cluster_sizes = _current_cluster_sizes(workdir)
+    if cluster_sizes is not None:
+        _reject_unknown_clusters(workdir, clusters, cluster_sizes)
     untrained = [k for k in clusters if k not in trained]
     if untrained:
         raise AugsvhnError(
@@ -523,7 +523,6 @@ def cluster_models(workdir: str | Path, clusters: Sequence[int] | None, device: 
             f"(trained: {', '.join(map(str, trained)) or 'none'}); train them first or leave them out of --clusters"
         )
 
-    cluster_sizes = _current_cluster_sizes(workdir)
     models = []
     for k in sorted(set(clusters)):
         model_dir = cluster_model_dir(workdir, k)
